@@ -1,0 +1,281 @@
+"""GPT-2 in Flax NNX, used functionally.
+
+The module holds parameters only; every call takes the parameter state explicitly
+(`GPT2Model.embed/body/logits`), and the KV cache is an explicit pytree passed in and
+out, so the Coconut code can run the transformer over any slice of a sequence.
+Every parameter carries logical axis names (`out_sharding` metadata) that
+`coconut_jax.sharding` maps onto a device mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Logical axis names. `sharding.LOGICAL_RULES` maps them to mesh axes.
+VOCAB, EMBED, POSITION, QKV, HEADS_OUT, MLP = "vocab", "embed", "position", "qkv", "heads", "mlp"
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    activation_function: str = "gelu_new"
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "GPT2Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        cfg = cls(**kwargs)
+        if cfg.activation_function not in _ACTIVATIONS:
+            raise ValueError(f"unsupported GPT-2 activation_function {cfg.activation_function!r}; "
+                             f"supported: {sorted(_ACTIVATIONS)}")
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+        return cfg
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, std: float | None):
+    value = (jnp.zeros(shape, jnp.float32) if std is None
+             else std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    return _annotated(value, axes)
+
+
+def _ones(shape, axes):
+    return _annotated(jnp.ones(shape, jnp.float32), axes)
+
+
+def _annotated(value, axes):
+    # Placement happens in `coconut_jax.sharding` (jit with out_shardings), not at creation.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, rngs: nnx.Rngs):
+        self.scale = _ones((dim,), (EMBED,))
+        self.bias = _param(rngs, (dim,), (EMBED,), None)
+        self.eps = eps
+
+    def __call__(self, x):
+        # Statistics in f32 whatever the compute dtype (as mixed-precision PyTorch does).
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = ((xf - mean) ** 2).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """HF `Conv1D`: y = x @ W + b with W stored as (in, out)."""
+
+    def __init__(self, n_in, n_out, axes, std, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (n_in, n_out), axes, std)
+        self.bias = _param(rngs, (n_out,), (axes[1],), None)
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+def _dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        e, std = cfg.n_embd, cfg.initializer_range
+        # GPT-2 scales the init of residual projections by 1/sqrt(2 * n_layer).
+        proj_std = std / (2 * cfg.n_layer) ** 0.5
+        self.ln_1 = LayerNorm(e, cfg.layer_norm_epsilon, rngs)
+        self.c_attn = Dense(e, 3 * e, (EMBED, QKV), std, rngs)
+        self.attn_proj = Dense(e, e, (HEADS_OUT, EMBED), proj_std, rngs)
+        self.ln_2 = LayerNorm(e, cfg.layer_norm_epsilon, rngs)
+        self.c_fc = Dense(e, 4 * e, (EMBED, MLP), std, rngs)
+        self.mlp_proj = Dense(4 * e, e, (MLP, EMBED), proj_std, rngs)
+
+    def __call__(self, x, allowed, cfg: GPT2Config, kv, cache_index, keys):
+        """x: [B,T,E]; allowed: [B,T,S] bool; kv: (k, v) [B,S,H,D] cache of this layer or None."""
+        b, t, _ = x.shape
+        h, d = cfg.n_head, cfg.head_dim
+        qkv = self.c_attn(self.ln_1(x))
+        q, k, v = (a.reshape(b, t, h, d) for a in jnp.split(qkv, 3, axis=-1))
+        if kv is not None:
+            ck, cv = kv
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
+            kv = (k, v)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
+        scores = scores / jnp.sqrt(jnp.float32(d))
+        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = _dropout(probs, cfg.attn_pdrop, keys[0]).astype(x.dtype)
+        attn = jnp.einsum("bhts,bshd->bthd", probs, v.astype(x.dtype)).reshape(b, t, h * d)
+        x = x + _dropout(self.attn_proj(attn), cfg.resid_pdrop, keys[1])
+        mlp = self.mlp_proj(_ACTIVATIONS[cfg.activation_function](self.c_fc(self.ln_2(x))))
+        x = x + _dropout(mlp, cfg.resid_pdrop, keys[2])
+        return x, kv
+
+
+class GPT2(nnx.Module):
+    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
+        self.wte = _param(rngs, (cfg.vocab_size, cfg.n_embd), (VOCAB, EMBED), cfg.initializer_range)
+        self.wpe = _param(rngs, (cfg.n_positions, cfg.n_embd), (POSITION, EMBED), 0.01)
+        self.h = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layer)])
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, rngs)
+
+
+def _split_keys(key, n):
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+Params = dict  # nested {name: {...: array}} with string keys, e.g. params["h"]["0"]["c_fc"]["kernel"]
+
+
+def _path_str(path) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+class GPT2Model:
+    """Static description of a GPT-2: config + compute dtype (hashable, a static jit argument).
+
+    Functional interface over a params pytree (nested dict of f32 arrays):
+      init(seed) -> params
+      embed(params, ids) -> token embeddings [B,T,E]
+      body(params, embeds, positions, key_mask, cache=None, cache_index=0, dropout_key=None)
+          -> (final hidden states after ln_f [B,T,E], updated cache)
+      logits(params, hidden) -> [B,T,V] through the tied head, in f32
+    """
+
+    def __init__(self, config: GPT2Config, dtype=jnp.float32):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT2(config, nnx.Rngs(0))), nnx.Param)
+        self._graphdef = graphdef
+        self._template = [(path, var) for path, var in nnx.to_flat_state(state)]
+
+    def _key(self):
+        return (self.config, self.dtype)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, GPT2Model) and self._key() == other._key()
+
+    def __repr__(self):
+        return f"GPT2Model({self.config}, dtype={self.dtype.name})"
+
+    def with_dtype(self, dtype) -> "GPT2Model":
+        return GPT2Model(self.config, dtype)
+
+    def init(self, seed: int = 0) -> Params:
+        """Random GPT-2 initialisation (normal(0.02), residual projections scaled)."""
+        _, state = nnx.split(GPT2(self.config, nnx.Rngs(seed)), nnx.Param)
+        params: Params = {}
+        for path, var in nnx.to_flat_state(state):
+            set_path(params, _path_str(path), var.get_value())
+        return params
+
+    def _per_param(self, fn) -> Params:
+        out: Params = {}
+        for path, var in self._template:
+            set_path(out, _path_str(path), fn(var))
+        return out
+
+    def logical_axes(self) -> Params:
+        """Logical axis names of every parameter, in the params' tree structure."""
+        return self._per_param(lambda v: tuple(v.get_metadata()["out_sharding"]))
+
+    def param_shapes(self) -> Params:
+        return self._per_param(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, jnp.float32))
+
+    def _module(self, params: Params) -> GPT2:
+        flat = [(path, var.replace(get_path(params, _path_str(path)))) for path, var in self._template]
+        return nnx.merge(self._graphdef, nnx.from_flat_state(flat))
+
+    def embed(self, params, ids):
+        return jnp.take(params["wte"], ids, axis=0).astype(self.dtype)
+
+    def init_cache(self, batch: int, length: int):
+        cfg = self.config
+        shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def body(self, params, embeds, positions, key_mask, cache=None, cache_index=0, dropout_key=None):
+        """Runs the transformer on `embeds` (token embeddings or continuous thoughts).
+
+        Without a cache, `key_mask` is [B,T] and attention is causal within the input.
+        With a cache of length S, the inputs occupy slots [cache_index, cache_index+T),
+        `key_mask` is [B,S] (which slots hold real tokens), and each input attends to
+        every valid slot at or before its own.
+        """
+        cfg = self.config
+        m = self._module(params)
+        t = embeds.shape[1]
+        keys = _split_keys(dropout_key, 1 + 3 * cfg.n_layer)
+        x = embeds.astype(self.dtype) + jnp.take(m.wpe[...], positions, axis=0).astype(self.dtype)
+        x = _dropout(x, cfg.embd_pdrop, keys[0])
+        key_mask = key_mask.astype(bool)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), bool))
+        else:
+            s = cache["k"].shape[2]
+            q_slot = cache_index + jnp.arange(t)
+            causal = jnp.arange(s)[None, :] <= q_slot[:, None]
+        allowed = causal[None] & key_mask[:, None, :]
+        new_k, new_v = [], []
+        for i, block in enumerate(m.h):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            x, kv = block(x, allowed, cfg, kv, cache_index, keys[1 + 3 * i: 4 + 3 * i])
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        hidden = m.ln_f(x)
+        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return hidden, new_cache
+
+    def logits(self, params, hidden):
+        wte = params["wte"]
+        return jnp.einsum("...e,ve->...v", hidden, wte.astype(hidden.dtype)).astype(jnp.float32)

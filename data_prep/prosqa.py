@@ -1,0 +1,34 @@
+"""ProsQA: download the published splits in the Coconut JSON format.
+
+    python -m data_prep.prosqa --out data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from data_prep.common import PrepError, fetch, write_json
+
+URL = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data/prosqa_{split}.json"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Download ProsQA")
+    p.add_argument("--out", required=True)
+    p.add_argument("--splits", default="train,valid,test")
+    a = p.parse_args(argv)
+    for split in a.splits.split(","):
+        url = URL.format(split=split)
+        try:
+            records = json.loads(fetch(url, None))
+        except json.JSONDecodeError as e:
+            raise PrepError(f"{url}: not JSON ({e.msg})") from e
+        write_json(records, os.path.join(a.out, f"prosqa_{split}.json"))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PrepError as e:
+        raise SystemExit(f"error: {e}")
