@@ -1,0 +1,66 @@
+"""Validation: batched generation and scoring, and the teacher-forced validation loss."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from coconut_jax import coconut, data, metrics
+
+
+@dataclasses.dataclass
+class Prediction:
+    index: int
+    text: str
+    answer: str
+    gold: str
+    correct: bool
+    cot_match: bool
+    new_tokens: int
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "text": self.text, "answer": self.answer, "gold": self.gold,
+                "correct": self.correct, "cot_match": self.cot_match, "new_tokens": self.new_tokens}
+
+
+def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curriculum, tokens, batch_size: int,
+                   multiple: int) -> list[tuple[data.Batch, list[list[int]]]]:
+    """Evaluation prompts grouped by length (less padding), as fixed-shape batches."""
+    prompts = [data.eval_prompt(e, stage, cur, tokens) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
+    out = []
+    for s in range(0, len(order), batch_size):
+        rows = order[s:s + batch_size]
+        batch = data.collate([(prompts[i], None) for i in rows], [examples[i].idx for i in rows],
+                             latent_id=tokens.latent, pad_id=tokens.pad, batch_size=batch_size, multiple=multiple)
+        out.append((batch, [prompts[i] for i in rows]))
+    return out
+
+
+def generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, *, batch_size: int,
+                         max_new_tokens: int, multiple: int = 32, put: Callable = None, get: Callable = np.asarray,
+                         progress: Callable = lambda it, **kw: it) -> list[Prediction]:
+    """Greedy answers for `examples` at `stage`, scored against their records (SPEC §6)."""
+    put = put or (lambda b: b.arrays())
+    preds = []
+    for batch, prompts in progress(prompt_batches(examples, stage, cur, tokens, batch_size, multiple),
+                                   desc=f"generate (stage {stage})"):
+        toks, kept = coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
+                                      n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
+                                      feedback=cur.method == "coconut")
+        toks, kept = get(toks), get(kept)
+        for r, prompt in enumerate(prompts):
+            idx = int(batch.indices[r])
+            rec = records[idx]
+            text = tokenizer.decode(list(prompt) + toks[r, :kept[r]].tolist(), skip_special_tokens=True)
+            preds.append(Prediction(idx, text, metrics.extract_answer(text), metrics.normalise_answer(rec["answer"]),
+                                    metrics.is_correct(text, rec["answer"]), metrics.cot_matches(text, rec["steps"]),
+                                    int(kept[r])))
+    return sorted(preds, key=lambda p: p.index)
+
+
+def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
+    n = max(len(preds), 1)
+    return {"acc": sum(p.correct for p in preds) / n, "cot_em": sum(p.cot_match for p in preds) / n,
+            "new_tokens": sum(p.new_tokens for p in preds) / n}

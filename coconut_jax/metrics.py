@@ -1,0 +1,63 @@
+"""Answer extraction and scoring exactly as the reference (SPEC §6), and the metrics sinks."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def extract_answer(text: str) -> str:
+    return text.split("#")[-1].replace(",", "").strip()
+
+
+def normalise_answer(answer: str) -> str:
+    return answer.replace(",", "").strip()
+
+
+def is_correct(text: str, answer: str) -> bool:
+    return extract_answer(text) == normalise_answer(answer)
+
+
+def cot_matches(text: str, steps: list[str]) -> bool:
+    """The text after the first line, up to the first '#', equals the steps joined by newlines."""
+    return "\n".join(text.split("\n")[1:]).split("#")[0].strip() == "\n".join(steps)
+
+
+class MetricsSink:
+    """One JSON object per logged event in `{run_dir}/metrics.jsonl`, mirrored to wandb when enabled.
+
+    Only process 0 writes. `truncate(n)` keeps the first n events (used on resume, so a
+    restarted run's file holds exactly what an uninterrupted run would have written).
+    """
+
+    def __init__(self, path: str | None, wandb_run=None, enabled: bool = True):
+        self.path, self.wandb_run, self.enabled = path, wandb_run, enabled
+        self.count = 0
+        if enabled and path and os.path.exists(path):
+            with open(path) as f:
+                self.count = sum(1 for _ in f)
+
+    def truncate(self, n: int) -> None:
+        if not (self.enabled and self.path and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()[:n]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+        self.count = len(lines)
+
+    def log(self, event: dict) -> None:
+        if not self.enabled:
+            return
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        self.count += 1
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in event.items() if isinstance(v, (int, float))}, step=event.get("step"))
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
