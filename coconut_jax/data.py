@@ -266,16 +266,19 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def collate(seqs: Sequence[tuple[list[int], list[int] | None]], indices: Sequence[int], *, latent_id: int,
-            pad_id: int, batch_size: int, multiple: int = 32) -> Batch:
-    """SPEC §4 batching: aligned first latent, then right padding, to bucketed lengths."""
+            pad_id: int, batch_size: int, multiple: int = 32, min_prefix: int = 0, min_width: int = 0) -> Batch:
+    """SPEC §4 batching: aligned first latent, then right padding, to bucketed lengths.
+
+    `min_prefix`/`min_width` let a caller fix the shapes of every batch of an epoch (one
+    compiled program per stage) at the price of more padding."""
     if len(seqs) > batch_size:
         raise ValueError(f"{len(seqs)} sequences for a batch of {batch_size}")
     firsts = [ids.index(latent_id) if latent_id in ids else None for ids, _ in seqs]
     counts = [ids.count(latent_id) for ids, _ in seqs]
     with_latent = [f for f in firsts if f is not None]
-    prefix = round_up(max(with_latent), multiple) if with_latent else 0
+    prefix = round_up(max(with_latent + [min_prefix]), multiple) if with_latent else 0
     lefts = [prefix - f if f is not None else 0 for f in firsts]
-    width = round_up(max([left + len(ids) for left, (ids, _) in zip(lefts, seqs)] + [1]), multiple)
+    width = round_up(max([left + len(ids) for left, (ids, _) in zip(lefts, seqs)] + [1, min_width]), multiple)
     shape = (batch_size, width)
     input_ids = np.full(shape, pad_id, np.int32)
     attention = np.zeros(shape, np.int32)
@@ -312,6 +315,7 @@ class EpochPlan:
     max_len: int | None = None
     overlong: str = "error"
     shuffle: bool = True
+    static_shapes: bool = False  # every batch of the epoch padded to the same shape
     host: int = 0
     num_hosts: int = 1
 
@@ -326,6 +330,13 @@ class EpochPlan:
                                  self.overlong, f"training sequences at stage {self.stage}")
         order = epoch_order(len(self._seqs), self.seed, self.epoch) if self.shuffle else np.arange(len(self._seqs))
         self._order = order[keep[order]]
+        self._min_prefix = self._min_width = 0
+        if self.static_shapes and len(self._order):
+            seqs = [self._seqs[i][0] for i in self._order]
+            firsts = [ids.index(self.tokens.latent) for ids in seqs if self.tokens.latent in ids]
+            self._min_prefix = max(firsts + [0])
+            self._min_width = max(len(ids) + (round_up(self._min_prefix, self.multiple) - ids.index(self.tokens.latent)
+                                              if self.tokens.latent in ids else 0) for ids in seqs)
 
     def __len__(self) -> int:
         return -(-len(self._order) // self.batch_size)
@@ -338,7 +349,7 @@ class EpochPlan:
         rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
         full = collate([self._seqs[i] for i in rows], [self.examples[i].idx for i in rows],
                        latent_id=self.tokens.latent, pad_id=self.tokens.pad, batch_size=self.batch_size,
-                       multiple=self.multiple)
+                       multiple=self.multiple, min_prefix=self._min_prefix, min_width=self._min_width)
         share = self.batch_size // self.num_hosts
         return full.rows(self.host * share, (self.host + 1) * share)
 

@@ -33,7 +33,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
     def corpus():
         yield from texts
-        yield from [hf.LATENT_INIT_TOKEN] * 8
+        yield from [hf.LATENT_INIT_TOKEN] * 10_000  # frequent enough to be among the first merges
 
     tok.train_from_iterator(corpus(), trainer=trainer)
     return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)

@@ -194,3 +194,9 @@ def test_extra_keys_are_ignored(tmp_path):
     path = tmp_path / "ok.json"
     path.write_text(json.dumps([{**SAMPLE_RECORDS[0], "edges": [[0, 1]], "root": 0}]))
     assert data.load_records(str(path))[0]["root"] == 0
+
+
+def test_static_shapes_give_one_shape_per_epoch():
+    shapes = {(b.input_ids.shape, b.prefix_len) for b in _plan(static_shapes=True, multiple=1).batches()}
+    assert len(shapes) == 1
+    assert len({(b.input_ids.shape, b.prefix_len) for b in _plan(multiple=1).batches()}) > 1
