@@ -73,21 +73,26 @@ def prepare_synthetic(c) -> None:
 
 
 def load_initial_params(c, config, params, tok):
-    """Applies `load_model_path` (HF dir, reference torch file, or a checkpoint of ours)."""
-    path = c.load_model_path
-    latent = c.method in data.LATENT_METHODS
+    """Applies `load_model_path` (HF dir, reference torch file, or a checkpoint of ours).
+
+    Returns ((config, params), checkpoint path or None). For a checkpoint of ours the params
+    returned are the template (right shapes) its weights are restored onto.
+    """
+    path, source = c.load_model_path, None
     if path in ("", "None"):
-        return (hf.add_latent_rows(config, params, tok) if latent else (config, params)), None
-    if os.path.isfile(path):
-        loaded = hf.import_reference_checkpoint(path, config)
+        pass
+    elif os.path.isfile(path):
+        params = hf.import_reference_checkpoint(path, config)
     elif os.path.isfile(os.path.join(path, "config.json")):
-        config, loaded = hf.load_pretrained(path)
+        config, params = hf.load_pretrained(path)
     elif checkpoint.is_checkpoint_dir(path):
-        return (config, params), path
+        source = path
     else:
         raise config_lib.ConfigError(f"load_model_path={path!r}: not a HF directory, PyTorch file or checkpoint")
-    config = dataclasses.replace(config, vocab_size=loaded["wte"].shape[0])
-    return (hf.add_latent_rows(config, loaded, tok) if latent else (config, loaded)), None
+    config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
+    if c.method in data.LATENT_METHODS:
+        config, params = hf.add_latent_rows(config, params, tok)
+    return (config, params), source
 
 
 class Trainer:
