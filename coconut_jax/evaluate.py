@@ -18,10 +18,12 @@ class Prediction:
     correct: bool
     cot_match: bool
     new_tokens: int
+    thoughts: int
 
     def to_json(self) -> dict:
         return {"index": self.index, "text": self.text, "answer": self.answer, "gold": self.gold,
-                "correct": self.correct, "cot_match": self.cot_match, "new_tokens": self.new_tokens}
+                "correct": self.correct, "cot_match": self.cot_match, "new_tokens": self.new_tokens,
+                "thoughts": self.thoughts}
 
 
 def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curriculum, tokens, batch_size: int,
@@ -56,11 +58,11 @@ def generate_predictions(model, params, examples, records, stage, cur, tokens, t
             text = tokenizer.decode(list(prompt) + toks[r, :kept[r]].tolist(), skip_special_tokens=True)
             preds.append(Prediction(idx, text, metrics.extract_answer(text), metrics.normalise_answer(rec["answer"]),
                                     metrics.is_correct(text, rec["answer"]), metrics.cot_matches(text, rec["steps"]),
-                                    int(kept[r])))
+                                    int(kept[r]), list(prompt).count(tokens.latent)))
     return sorted(preds, key=lambda p: p.index)
 
 
 def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
     n = max(len(preds), 1)
     return {"acc": sum(p.correct for p in preds) / n, "cot_em": sum(p.cot_match for p in preds) / n,
-            "new_tokens": sum(p.new_tokens for p in preds) / n}
+            "new_tokens": sum(p.new_tokens for p in preds) / n, "thoughts": sum(p.thoughts for p in preds) / n}

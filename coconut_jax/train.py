@@ -208,7 +208,21 @@ class Trainer:
             result = self.train_epoch()
         if self.ckpt is not None:
             self.ckpt.close()
+        if self.main and not self._stop:
+            self.summarize()
         return result
+
+    def summarize(self):
+        """Per-stage table (last evaluation of each stage) and the curves as PNG."""
+        from coconut_jax.metrics import read_metrics
+        from coconut_jax.plot import plot_metrics
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        last = {e["stage"]: e for e in read_metrics(path) if "eval/acc" in e}
+        print(f"\n{'stage':>5} {'thoughts':>8} {'val loss':>9} {'accuracy':>9} {'CoT match':>9} {'new tokens':>10}")
+        for stage, e in sorted(last.items()):
+            print(f"{stage:>5} {e['eval/thoughts']:>8} {e.get('eval/loss', float('nan')):>9.4f} "
+                  f"{e['eval/acc']:>9.3f} {e['eval/cot_em']:>9.3f} {e['eval/new_tokens']:>10.1f}")
+        print(f"curves: {plot_metrics(path)}")
 
     def train_epoch(self):
         c, epoch = self.c, self.epoch
@@ -273,7 +287,7 @@ class Trainer:
             if jax.process_count() == 1 else b.arrays(), get=sharding.gather, progress=self._progress)
         summary = evaluate.summarize(preds)
         out.update({"eval/acc": summary["acc"], "eval/cot_em": summary["cot_em"],
-                    "eval/new_tokens": summary["new_tokens"], "eval/thoughts": self.cur.eval_latents(6, stage) if self.cur.markers else 0})
+                    "eval/new_tokens": summary["new_tokens"], "eval/thoughts": summary["thoughts"]})
         if self.main:
             path = os.path.join(self.run_dir, f"predictions_epoch{self.epoch + 1}.jsonl")
             with open(path, "w") as f:

@@ -25,7 +25,7 @@ def get_config():
     c.static_shapes = True
     c.model_id = ""
     c.prepare.kind = "synthetic_prosqa"
-    c.prepare.train = 2000
+    c.prepare.train = 1000
     c.prepare.valid = 100
     c.prepare.vocab_size = 400
     c.prepare.n_layer = 2

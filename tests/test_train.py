@@ -60,7 +60,7 @@ def test_training_learns_and_logs(reference_run):
     for e in m:
         assert {"step", "epoch", "stage"} <= set(e)
     preds = [json.loads(line) for line in open(os.path.join(reference_run, "predictions_epoch3.jsonl"))]
-    assert len(preds) == 8 and set(preds[0]) == {"index", "text", "answer", "gold", "correct", "cot_match", "new_tokens"}
+    assert len(preds) == 8 and set(preds[0]) == {"index", "text", "answer", "gold", "correct", "cot_match", "new_tokens", "thoughts"}
 
 
 def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
