@@ -16,7 +16,7 @@ def get_config():
     c.num_epochs = 8
     c.global_batch_size = 32
     c.eval_batch_size = 100
-    c.max_new_tokens = 24
+    c.max_new_tokens = 96  # a written chain of 3-6 steps needs ~60-90 tokens with this tokenizer
     c.lr = 1e-3
     c.weight_decay = 0.01
     c.checkpoint_every_steps = 0
