@@ -283,8 +283,8 @@ class Trainer:
         preds = evaluate.generate_predictions(
             self.model, self.params, self.val_examples, self.val_records, stage, self.cur, self.tokens, self.tok,
             batch_size=c.eval_batch_size, max_new_tokens=self.max_new, multiple=c.pad_to_multiple,
-            put=lambda b: sharding.put_batch(self.mesh, b.rows(0, b.indices.shape[0]).arrays())
-            if jax.process_count() == 1 else b.arrays(), get=sharding.gather, progress=self._progress)
+            put=self._put if jax.process_count() == 1 else (lambda b: b.arrays()),
+            get=sharding.gather, progress=self._progress)
         summary = evaluate.summarize(preds)
         out.update({"eval/acc": summary["acc"], "eval/cot_em": summary["cot_em"],
                     "eval/new_tokens": summary["new_tokens"], "eval/thoughts": summary["thoughts"]})
