@@ -5,8 +5,8 @@ latent, fed back as the input embedding of that latent. Batches align the first 
 every row at `prefix_len` (see `data.collate`), so thought k of all rows is computed at the
 same position p+k-1, and one pass over the sequence suffices, split as:
 
-  prefix   [0, p)           one pass, fills the KV cache, its last hidden state is thought 1
-  thoughts p .. p+n-2       `lax.scan`, one position each against the cache
+  prefix   [0, p)           one pass; its last hidden state is thought 1
+  thoughts p .. p+n-2       `lax.scan`, one position each against the keys/values before it
   rest     [p+n-1, T)       one pass, its first input is thought n
 
 Every position is computed exactly once. `latent_mask` (precomputed by the collator) says
@@ -28,47 +28,64 @@ def _keys(key, n):
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
+def _segment(kv, mask):
+    return {"k": kv["k"], "v": kv["v"], "mask": mask}
+
+
 def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
-                   extra_slots: int = 0, dropout_key=None, with_cache: bool = False):
+                   dropout_key=None, with_kv: bool = False):
     """Hidden states [B,T,E] of a batch with its continuous thoughts.
 
     `feedback=False` is a plain LM pass over the same tokens (pause-as-thought and the
-    non-latent methods). With `with_cache`, also returns the KV cache (length T+extra_slots)
-    and its key mask, ready for decoding.
+    non-latent methods). With `with_kv`, also returns the keys/values of every position
+    ({"k", "v": [L,B,T,H,D]}), ready to seed a decoding cache.
+
+    Each part attends to the keys/values of the parts before it; the thought passes carry
+    only their own n-1 positions' keys/values through the scan (the prefix's are a
+    constant), so a thought pass costs one position against p+n keys, and the backward
+    pass stores no per-thought copy of a full-length cache.
     """
     ids, mask, pos = arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"]
-    b, t = ids.shape
     embeds = model.embed(params, ids)
     k_pre, k_mid, k_rest = _keys(dropout_key, 3)
     n = n_latent if feedback else 0
-    if n == 0 and not with_cache:
-        return model.body(params, embeds, pos, mask, dropout_key=k_pre)[0]
-    key_mask = jnp.pad(mask, ((0, 0), (0, extra_slots)))
-    cache = model.init_cache(b, t + extra_slots)
     if n == 0:
-        hidden, cache = model.body(params, embeds, pos, key_mask, cache, 0, k_pre)
-        return hidden, cache, key_mask
-    p, latent = prefix_len, arrays["latent_mask"]
+        hidden, kv = model.body(params, embeds, pos, mask, dropout_key=k_pre)
+        return (hidden, kv) if with_kv else hidden
+    p, m, latent = prefix_len, n_latent - 1, arrays["latent_mask"]
 
     def take(x, i):
-        return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=False)
+        return jax.lax.dynamic_index_in_dim(x, i, axis=1, keepdims=True)
 
-    h_pre, cache = model.body(params, embeds[:, :p], pos[:, :p], key_mask, cache, 0, k_pre)
+    h_pre, kv_pre = model.body(params, embeds[:, :p], pos[:, :p], mask[:, :p], dropout_key=k_pre)
+    past = [_segment(kv_pre, mask[:, :p])]
+    thought = h_pre[:, -1]
+    if m:
+        mid_mask = mask[:, p:p + m].astype(bool)
+        kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (m,) + a.shape[3:], a.dtype), kv_pre)
 
-    def thought_pass(carry, k):
-        cache, thought = carry
-        i = p + k
-        x = jnp.where(take(latent, i)[:, None], thought, take(embeds, i))
-        key = None if k_mid is None else jax.random.fold_in(k_mid, k)
-        h, cache = model.body(params, x[:, None], take(pos, i)[:, None], key_mask, cache, i, key)
-        return (cache, h[:, 0]), h[:, 0]
+        def thought_pass(carry, k):
+            kv_mid, thought = carry
+            i = p + k
+            x = jnp.where(take(latent, i)[..., None], thought[:, None], take(embeds, i))
+            filled = mid_mask & (jnp.arange(m) < k)[None]
+            key = None if k_mid is None else jax.random.fold_in(k_mid, k)
+            h, kv = model.body(params, x, take(pos, i), take(mask, i), past + [_segment(kv_mid, filled)], key)
+            kv_mid = jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, k, axis=2), kv_mid, kv)
+            return (kv_mid, h[:, 0]), h[:, 0]
 
-    (cache, thought), h_mid = jax.lax.scan(thought_pass, (cache, h_pre[:, -1]), jnp.arange(n - 1))
-    rest = embeds[:, p + n - 1:]
-    rest = rest.at[:, 0].set(jnp.where(latent[:, p + n - 1][:, None], thought, rest[:, 0]))
-    h_rest, cache = model.body(params, rest, pos[:, p + n - 1:], key_mask, cache, p + n - 1, k_rest)
-    hidden = jnp.concatenate([h_pre, jnp.swapaxes(h_mid, 0, 1).astype(h_pre.dtype), h_rest], axis=1)
-    return (hidden, cache, key_mask) if with_cache else hidden
+        (kv_mid, thought), h_mid = jax.lax.scan(thought_pass, (kv_mid, thought), jnp.arange(m))
+        past.append(_segment(kv_mid, mid_mask))
+    r = p + m
+    rest = embeds[:, r:]
+    rest = rest.at[:, 0].set(jnp.where(latent[:, r][:, None], thought, rest[:, 0]))
+    h_rest, kv_rest = model.body(params, rest, pos[:, r:], mask[:, r:], past, k_rest)
+    parts = [h_pre] + ([jnp.swapaxes(h_mid, 0, 1).astype(h_pre.dtype)] if m else []) + [h_rest]
+    hidden = jnp.concatenate(parts, axis=1)
+    if not with_kv:
+        return hidden
+    kv = {name: jnp.concatenate([part[name] for part in past + [kv_rest]], axis=2) for name in ("k", "v")}
+    return hidden, kv
 
 
 def reference_hidden(model: GPT2Model, params, arrays, feedback: bool = True):
@@ -112,13 +129,16 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
     The first new token (argmax after each row's last prompt token) is always kept; then up
     to max_new_tokens-1 more, a row stopping before it would append EOS. Prompts may have
     different lengths and latent counts: new tokens go to shared cache slots after the
-    prompt block, with position ids continuing each row's own length, and right pads in
+    prompt block (the cache is the prompt's keys/values from `latent_forward`), with position ids continuing each row's own length, and right pads in
     between are masked. Returns (tokens [B, max_new_tokens], number kept per row).
     """
     mask = arrays["attention_mask"]
     b, t = mask.shape
-    hidden, cache, key_mask = latent_forward(model, params, arrays, prefix_len, n_latent, feedback=feedback,
-                                             extra_slots=max_new_tokens, with_cache=True)
+    hidden, kv = latent_forward(model, params, arrays, prefix_len, n_latent, feedback=feedback, with_kv=True)
+    # Fed-back tokens 1..max_new_tokens-1 take slots t.. of a fixed-size cache.
+    extra = max_new_tokens - 1
+    cache = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv)
+    key_mask = jnp.pad(mask.astype(bool), ((0, 0), (0, extra)))
     lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
     last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)
     first = jnp.argmax(model.logits(params, hidden[jnp.arange(b), last]), axis=-1).astype(jnp.int32)
@@ -132,9 +152,10 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
     def body(s):
         step, prev, cache, key_mask, tokens, done, kept = s
         slot = t + step - 1
-        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), key_mask.dtype), (0, slot))
-        h, cache = model.body(params, model.embed(params, prev[:, None]), (lengths + step - 1)[:, None],
-                              key_mask, cache, slot)
+        h, kv = model.body(params, model.embed(params, prev[:, None]), (lengths + step - 1)[:, None],
+                           jnp.ones((b, 1), bool), [{**cache, "mask": key_mask}])
+        cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=2), cache, kv)
+        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), bool), (0, slot))
         nxt = jnp.argmax(model.logits(params, h[:, 0]), axis=-1).astype(jnp.int32)
         done = done | (nxt == eos_id)
         tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, eos_id, nxt)[:, None], (0, step))

@@ -83,19 +83,22 @@ def test_loss_gradients_match_transformers(pair):
         assert rel <= 1e-4, (name, rel)
 
 
-def test_kv_cache_incremental_equals_full(pair):
+def test_incremental_passes_against_past_keys_equal_full(pair):
+    """Running a sequence in pieces, each against the keys/values of the pieces before it
+    (as the latent passes and the decoding loop do), gives the full forward's states."""
     model, params, _, _ = pair
     ids, mask, pos = _batch()
     full = _ours(model, params, ids, mask, pos)
-    total = ids.shape[1] + 2  # a cache longer than the sequence: unused slots must be ignored
-    key_mask = np.zeros((3, total), np.int32)
-    key_mask[:, :ids.shape[1]] = mask
-    cache = model.init_cache(3, total)
     emb = model.embed(params, ids)
-    h0, cache = model.body(params, emb[:, :3], pos[:, :3], key_mask, cache, 0)
+    h0, kv = model.body(params, emb[:, :3], pos[:, :3], mask[:, :3])
+    past = [{**kv, "mask": mask[:, :3]}]
+    # A segment with unused (masked) slots must be ignored, as in a fixed-size decoding cache.
+    junk = jax.tree.map(lambda a: jnp.ones_like(a[:, :, :2]) * 7.0, kv)
+    past.append({**junk, "mask": np.zeros((3, 2), bool)})
     steps = [h0]
     for t in range(3, ids.shape[1]):
-        h, cache = model.body(params, emb[:, t:t + 1], pos[:, t:t + 1], key_mask, cache, t)
+        h, kv = model.body(params, emb[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1], past)
+        past.append({**kv, "mask": mask[:, t:t + 1]})
         steps.append(h)
     inc = np.concatenate([np.asarray(s) for s in steps], axis=1)
     real = mask.astype(bool)

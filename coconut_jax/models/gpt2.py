@@ -1,8 +1,9 @@
 """GPT-2 in Flax NNX, used functionally.
 
 The module holds parameters only; every call takes the parameter state explicitly
-(`GPT2Model.embed/body/logits`), and the KV cache is an explicit pytree passed in and
-out, so the Coconut code can run the transformer over any slice of a sequence.
+(`GPT2Model.embed/body/logits`), and keys/values are explicit pytrees passed in and
+out, so the Coconut code can run the transformer over any slice of a sequence against
+keys/values computed earlier.
 Every parameter carries logical axis names (`out_sharding` metadata) that
 `coconut_jax.sharding` maps onto a device mesh.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Logical axis names. `sharding.LOGICAL_RULES` maps them to mesh axes.
@@ -121,27 +123,32 @@ class Block(nnx.Module):
         self.c_fc = Dense(e, 4 * e, (EMBED, MLP), std, rngs)
         self.mlp_proj = Dense(4 * e, e, (MLP, EMBED), proj_std, rngs)
 
-    def __call__(self, x, allowed, cfg: GPT2Config, kv, cache_index, keys):
-        """x: [B,T,E]; allowed: [B,T,S] bool; kv: (k, v) [B,S,H,D] cache of this layer or None."""
+    def __call__(self, x, self_allowed, past, cfg: GPT2Config, keys):
+        """x: [B,T,E]; self_allowed: [B,T,T] bool (causal among the inputs);
+        past: (k, v, allowed) per earlier segment of this layer, k/v [B,S,H,D], allowed [B,1,S].
+
+        Returns the new x and this layer's (k, v) of the inputs. Attention is one softmax
+        over every segment's keys and the inputs' own, without concatenating the caches.
+        """
         b, t, _ = x.shape
         h, d = cfg.n_head, cfg.head_dim
         qkv = self.c_attn(self.ln_1(x))
         q, k, v = (a.reshape(b, t, h, d) for a in jnp.split(qkv, 3, axis=-1))
-        if kv is not None:
-            ck, cv = kv
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            kv = (k, v)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(d))
-        scores = jnp.where(allowed[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
+        segments = [*past, (k, v, self_allowed)]
+        scale = jnp.sqrt(jnp.float32(d))
+        scores = [jnp.where(allowed[:, None],
+                            jnp.einsum("bthd,bshd->bhts", q, sk.astype(q.dtype)).astype(jnp.float32) / scale,
+                            jnp.finfo(jnp.float32).min)
+                  for sk, _, allowed in segments]
+        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
         probs = _dropout(probs, cfg.attn_pdrop, keys[0]).astype(x.dtype)
-        attn = jnp.einsum("bhts,bshd->bthd", probs, v.astype(x.dtype)).reshape(b, t, h * d)
-        x = x + _dropout(self.attn_proj(attn), cfg.resid_pdrop, keys[1])
+        bounds = np.cumsum([sk.shape[1] for sk, _, _ in segments])[:-1]
+        attn = sum(jnp.einsum("bhts,bshd->bthd", pr, sv.astype(x.dtype))
+                   for pr, (_, sv, _) in zip(jnp.split(probs, bounds, axis=-1), segments))
+        x = x + _dropout(self.attn_proj(attn.reshape(b, t, h * d)), cfg.resid_pdrop, keys[1])
         mlp = self.mlp_proj(_ACTIVATIONS[cfg.activation_function](self.c_fc(self.ln_2(x))))
         x = x + _dropout(mlp, cfg.resid_pdrop, keys[2])
-        return x, kv
+        return x, (k, v)
 
 
 class GPT2(nnx.Module):
@@ -183,8 +190,8 @@ class GPT2Model:
     Functional interface over a params pytree (nested dict of f32 arrays):
       init(seed) -> params
       embed(params, ids) -> token embeddings [B,T,E]
-      body(params, embeds, positions, key_mask, cache=None, cache_index=0, dropout_key=None)
-          -> (final hidden states after ln_f [B,T,E], updated cache)
+      body(params, embeds, positions, key_mask, past=(), dropout_key=None)
+          -> (final hidden states after ln_f [B,T,E], keys/values of the inputs)
       logits(params, hidden) -> [B,T,V] through the tied head, in f32
     """
 
@@ -238,18 +245,14 @@ class GPT2Model:
     def embed(self, params, ids):
         return jnp.take(params["wte"], ids, axis=0).astype(self.dtype)
 
-    def init_cache(self, batch: int, length: int):
-        cfg = self.config
-        shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-
-    def body(self, params, embeds, positions, key_mask, cache=None, cache_index=0, dropout_key=None):
+    def body(self, params, embeds, positions, key_mask, past=(), dropout_key=None):
         """Runs the transformer on `embeds` (token embeddings or continuous thoughts).
 
-        Without a cache, `key_mask` is [B,T] and attention is causal within the input.
-        With a cache of length S, the inputs occupy slots [cache_index, cache_index+T),
-        `key_mask` is [B,S] (which slots hold real tokens), and each input attends to
-        every valid slot at or before its own.
+        `key_mask` [B,T] says which inputs are real tokens; attention among the inputs is
+        causal. `past` holds keys/values computed earlier for positions that precede all
+        the inputs: a sequence of segments {"k", "v": [L,B,S,H,D], "mask": [B,S]}, every
+        valid key of which each input attends to. Returns (final hidden states after ln_f
+        [B,T,E], {"k", "v": [L,B,T,H,D]} of the inputs), so a caller can extend `past`.
         """
         cfg = self.config
         m = self._module(params)
@@ -257,24 +260,15 @@ class GPT2Model:
         keys = _split_keys(dropout_key, 1 + 3 * cfg.n_layer)
         x = embeds.astype(self.dtype) + jnp.take(m.wpe[...], positions, axis=0).astype(self.dtype)
         x = _dropout(x, cfg.embd_pdrop, keys[0])
-        key_mask = key_mask.astype(bool)
-        if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), bool))
-        else:
-            s = cache["k"].shape[2]
-            q_slot = cache_index + jnp.arange(t)
-            causal = jnp.arange(s)[None, :] <= q_slot[:, None]
-        allowed = causal[None] & key_mask[:, None, :]
+        self_allowed = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask.astype(bool)[:, None, :]
+        past_allowed = [seg["mask"].astype(bool)[:, None, :] for seg in past]
         new_k, new_v = [], []
         for i, block in enumerate(m.h):
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, kv = block(x, allowed, cfg, kv, cache_index, keys[1 + 3 * i: 4 + 3 * i])
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
-        hidden = m.ln_f(x)
-        new_cache = None if cache is None else {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
-        return hidden, new_cache
+            layer_past = [(seg["k"][i], seg["v"][i], allowed) for seg, allowed in zip(past, past_allowed)]
+            x, (k, v) = block(x, self_allowed, layer_past, cfg, keys[1 + 3 * i: 4 + 3 * i])
+            new_k.append(k)
+            new_v.append(v)
+        return m.ln_f(x), {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
 
     def logits(self, params, hidden):
         wte = params["wte"]
