@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa".
     c.prepare = ml_collections.ConfigDict({
         "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
-        "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512})
+        "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
+        # Graph size and reasoning steps (equally likely); () = the published step distribution.
+        "min_nodes": 14, "max_nodes": 28, "steps": ()})
     return c
 
 

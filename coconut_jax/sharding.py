@@ -26,8 +26,9 @@ def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, 
     if coordinator:
         n = num_processes or int(os.environ["JAX_NUM_PROCESSES"])
         pid = process_id if process_id >= 0 else int(os.environ["JAX_PROCESS_ID"])
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Cross-process collectives on CPU devices need gloo; it does not affect GPU/TPU runs.
+        # (No backend query here: that would start JAX before `initialize`, which must come first.)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=pid)
     elif os.environ.get("COCONUT_DISTRIBUTED") == "auto":
         jax.distributed.initialize()

@@ -15,7 +15,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from coconut_jax import checkpoint, coconut, config as config_lib, data, evaluate, hf, sharding
@@ -63,12 +62,18 @@ def prepare_synthetic(c) -> None:
     model_dir = os.path.join(root, "model")
     p = c.prepare
     if jax.process_index() == 0 and not os.path.isdir(model_dir):
-        records = prosqa_generator.generate(p.train, seed=p.seed * 1000)
+        graph = prosqa_generator.GraphConfig(min_nodes=p.min_nodes, max_nodes=p.max_nodes)
+        if p.steps:
+            graph = dataclasses.replace(graph, steps_distribution=tuple((int(s), 1.0) for s in p.steps))
+        records = prosqa_generator.generate(p.train, seed=p.seed * 1000, g=graph)
         write_json(records, train)
-        write_json(prosqa_generator.generate(p.valid, seed=p.seed * 1000 + 1), valid)
+        write_json(prosqa_generator.generate(p.valid, seed=p.seed * 1000 + 1, g=graph), valid)
         tiny.build(tiny.record_texts(records), model_dir, vocab_size=p.vocab_size, n_layer=p.n_layer,
                    n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed)
         print(f"built {model_dir}")
+    if jax.process_count() > 1:  # the other hosts read what host 0 wrote
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("coconut_jax.prepare_synthetic")
     c.train_path, c.val_path, c.model_id = train, valid, model_dir
 
 
@@ -301,6 +306,14 @@ class Trainer:
         return out
 
 
+def quiet_libraries():
+    """Orbax logs every checkpoint step at INFO through absl; keep the console to our own
+    progress unless the user asked for more with --verbosity."""
+    from absl import flags, logging
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
 def main(argv):
     from absl import flags
     trainer = Trainer(flags.FLAGS.config)
@@ -314,6 +327,7 @@ def cli():
     flags.mark_flags_as_required(["config"])
 
     def run(argv):
+        quiet_libraries()
         try:
             main(argv)
         except (config_lib.ConfigError, data.DataError, hf.CheckpointError) as e:

@@ -1,10 +1,13 @@
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
 
 jax.config.update("jax_enable_x64", False)
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 
 SAMPLE_RECORDS = [
     {"question": "Every wumpus is a yumpus. Alex is a wumpus. Is Alex a yumpus or zumpus?",
@@ -30,3 +33,25 @@ def shared_file(name):
     if not os.path.isfile(path):
         pytest.skip(f"{name} not present (reference data is not part of the repository)")
     return path
+
+
+def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py"):
+    """`python -m coconut_jax.train` on a config of the repository, in a subprocess."""
+    cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, config),
+           f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    if popen:
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)
+    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr[-3000:])
+    return r
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """configs/tiny.py trained once (3 epochs: CoT, then 1 and 2 thoughts); its run directory."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    run_cli(root)
+    return os.path.join(root, "tiny")

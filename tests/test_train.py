@@ -2,9 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import jax
@@ -14,20 +11,8 @@ import pytest
 
 from coconut_jax import config as config_lib, data, train
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+from tests.conftest import run_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(save_path, *overrides, env=None, check=True, popen=False):
-    cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, "configs/tiny.py"),
-           f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    if popen:
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(r.stderr[-3000:])
-    return r
 
 
 def metrics(path):
@@ -45,10 +30,8 @@ def final_params(run_dir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ref")
-    run_cli(root)
-    return os.path.join(root, "tiny")
+def reference_run(tiny_run):
+    return tiny_run
 
 
 def test_training_learns_and_logs(reference_run):
@@ -83,7 +66,7 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
 def test_only_eval_reproduces_the_final_evaluation(reference_run, tmp_path):
     run_cli(tmp_path, "--config.only_eval=True", "--config.resume=2",
             f"--config.load_model_path={reference_run}/checkpoints",
-            f"--config.prepare.kind=", f"--config.val_path={reference_run}/prepared/prosqa_valid.json",
+            "--config.prepare.kind=", f"--config.val_path={reference_run}/prepared/prosqa_valid.json",
             f"--config.model_id={reference_run}/prepared/model")
     final = [e for e in metrics(os.path.join(reference_run, "metrics.jsonl")) if "eval/acc" in e][-1]
     again = metrics(tmp_path / "tiny" / "metrics.jsonl")[-1]
@@ -101,6 +84,32 @@ def test_sharded_on_8_devices_equals_single_device(reference_run, tmp_path):
     assert len(ref) == len(got)
     for a, b in zip(ref, got):
         for k in ("train/loss", "eval/loss"):
+            if k in a:
+                assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_single_process(reference_run, tmp_path):
+    """Two local processes on the CPU distributed runtime (one device each, each feeding
+    its half of every batch) train exactly like one process."""
+    port = _free_port()
+    procs = [run_cli(tmp_path, "--config.num_epochs=2", f"--config.coordinator_address=127.0.0.1:{port}",
+                     "--config.num_processes=2", f"--config.process_id={i}", popen=True, capture=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    ref = [e for e in metrics(os.path.join(reference_run, "metrics.jsonl")) if e["epoch"] <= 2]
+    got = metrics(tmp_path / "tiny" / "metrics.jsonl")
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        for k in ("train/loss", "eval/loss", "eval/acc"):
             if k in a:
                 assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
 

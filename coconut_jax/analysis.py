@@ -1,0 +1,214 @@
+"""What the continuous thoughts encode (the Coconut paper, section 5).
+
+    python -m coconut_jax.analysis --config configs/demo.py [--question 0] [--top_k 5] [--max_k N]
+
+For a trained model and a question:
+  * `thoughts`: the continuous thoughts fed back at each latent position;
+  * `decode_thoughts`: each thought read through the LM head (top tokens, probabilities);
+  * `concept_mass`: for ProsQA, the probability each thought puts on each concept of the
+    question's graph (the first token of the concept's name, as it follows "is a"), the
+    paper's implicit value of frontier nodes, with `frontier_nodes` giving each node's
+    distance from the person asked about;
+  * `accuracy_by_thoughts`: validation accuracy when inference uses k = 0..max thoughts.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from coconut_jax import coconut, data, evaluate
+
+
+def _single(prompt: Sequence[int], tokens) -> data.Batch:
+    return data.collate([(list(prompt), None)], [0], latent_id=tokens.latent, pad_id=tokens.pad, batch_size=1,
+                        multiple=1)
+
+
+def thoughts(model, params, prompt: Sequence[int], tokens) -> np.ndarray:
+    """The continuous thoughts of one prompt, [n_latent, E]: thought k is the last hidden
+    state at the position before latent k, computed with the earlier thoughts fed back."""
+    batch = _single(prompt, tokens)
+    hidden = coconut.latent_forward(model, params, batch.arrays(), batch.prefix_len, batch.n_latent)
+    where = np.nonzero(batch.latent_mask[0])[0]
+    return np.asarray(hidden[0, where - 1], np.float32)
+
+
+def thought_distributions(model, params, states: np.ndarray) -> np.ndarray:
+    """Next-token distributions [n, V] the LM head gives each thought (float64, rows sum to 1)."""
+    logits = model.logits(params, jnp.asarray(states, model.dtype))
+    return np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), np.float64)
+
+
+def decode_thoughts(model, params, states: np.ndarray, tokenizer, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Top-k (token text, probability) of each thought through the LM head."""
+    out = []
+    for row in thought_distributions(model, params, states):
+        top = np.argsort(-row, kind="stable")[:top_k]
+        out.append([(tokenizer.decode([int(t)]), float(row[t])) for t in top])
+    return out
+
+
+def frontier_nodes(record: dict) -> dict[int, int]:
+    """Distance (in edges) of each node reachable from the person asked about (`root`)."""
+    children = collections.defaultdict(list)
+    for u, v in record["edges"]:
+        children[u].append(v)
+    dist, queue = {record["root"]: 0}, collections.deque([record["root"]])
+    while queue:
+        u = queue.popleft()
+        for v in children[u]:
+            if v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist
+
+
+@dataclasses.dataclass
+class ConceptMass:
+    concepts: list[str]          # the graph's symbols (record["idx_to_symbol"])
+    mass: np.ndarray             # [n_thoughts, n_concepts]: probability of each concept's first token
+    normalised: np.ndarray       # mass renormalised over the graph's concepts (rows sum to 1)
+    shared_first_token: list[bool]  # concepts whose first token another concept of the graph shares
+
+
+def concept_mass(model, params, states: np.ndarray, record: dict, tokenizer) -> ConceptMass:
+    """Probability each thought puts on each concept of a ProsQA graph.
+
+    A concept's value is the LM-head probability of the first token of " name" (how it
+    follows "is a"). Concepts sharing a first token split its probability equally, so the
+    masses of all concepts never sum to more than 1.
+    """
+    names = list(record["idx_to_symbol"])
+    first = [tokenizer.encode(" " + n, add_special_tokens=False)[0] for n in names]
+    share = collections.Counter(first)
+    probs = thought_distributions(model, params, states)
+    mass = np.stack([probs[:, t] / share[t] for t in first], axis=1)
+    total = mass.sum(axis=1, keepdims=True)
+    normalised = np.divide(mass, total, out=np.full_like(mass, 1.0 / max(len(names), 1)), where=total > 0)
+    return ConceptMass(names, mass, normalised, [share[t] > 1 for t in first])
+
+
+def accuracy_by_thoughts(model, params, examples, records, cur: data.Curriculum, tokens, tokenizer, *,
+                         max_k: int, batch_size: int, max_new_tokens: int, multiple: int = 32,
+                         **kw) -> dict[int, float]:
+    """Accuracy when inference uses the thoughts of k latent stages, k = 0..max_k (the prompt
+    is question + <start> + k*c_thought latents + <end>), with the model unchanged."""
+    fixed = dataclasses.replace(cur, pad_latent_to_max=True, max_latent_stage=max_k)
+    out = {}
+    for k in range(max_k + 1):
+        preds = evaluate.generate_predictions(model, params, examples, records, k, fixed, tokens, tokenizer,
+                                              batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                              multiple=multiple, **kw)
+        out[k] = evaluate.summarize(preds)["acc"]
+    return out
+
+
+def plot_concept_mass(cm: ConceptMass, distance: dict[int, int], path: str) -> str:
+    """Heat map of thought x concept mass, concepts ordered by distance from the person."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = sorted(range(len(cm.concepts)), key=lambda i: (distance.get(i, 99), i))
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order)), 1.2 + 0.5 * cm.mass.shape[0]))
+    ax.imshow(cm.normalised[:, order], aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels([f"{cm.concepts[i]} ({distance[i]})" if i in distance else cm.concepts[i] for i in order],
+                       rotation=90, fontsize=7)
+    ax.set_yticks(range(cm.mass.shape[0]))
+    ax.set_yticklabels([f"thought {k + 1}" for k in range(cm.mass.shape[0])])
+    ax.set_title("probability mass per concept (distance from the person in brackets)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_by_thoughts(acc: dict[int, float], path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    ks = sorted(acc)
+    ax.plot(ks, [acc[k] for k in ks], marker="o")
+    ax.set_xlabel("continuous thoughts at inference (k)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def load_trained(c):
+    """A `Trainer` holding the run's latest checkpoint (evaluation only, nothing written)."""
+    from coconut_jax.train import Trainer
+    c.only_eval = True
+    c.wandb_mode = "disabled"
+    if c.load_model_path in ("", "None"):
+        c.load_model_path = os.path.join(c.save_path, c.name, "checkpoints")
+    return Trainer(c)
+
+
+def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
+    """Prints the analysis of one validation question and accuracy by k; writes two PNGs."""
+    cur, tokens, tok = trainer.cur, trainer.tokens, trainer.tok
+    max_k = cur.max_latent_stage if max_k is None else max_k
+    ex, record = trainer.val_examples[question], trainer.val_records[trainer.val_examples[question].idx]
+    prompt = data.eval_prompt(ex, max_k, dataclasses.replace(cur, max_latent_stage=max_k), tokens)
+    states = thoughts(trainer.model, trainer.params, prompt, tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"question {question}: {record['question'][-120:]}")
+    print(f"gold steps: {' '.join(record['steps'])}  answer: {record['answer']}")
+    for k, top in enumerate(decode_thoughts(trainer.model, trainer.params, states, tok, top_k)):
+        print(f"thought {k + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in top))
+    result = {"question": question}
+    if "idx_to_symbol" in record and len(states):
+        cm = concept_mass(trainer.model, trainer.params, states, record, tok)
+        dist = frontier_nodes(record)
+        for k in range(len(states)):
+            best = np.argsort(-cm.normalised[k])[:3]
+            print(f"thought {k + 1} concept mass {cm.mass[k].sum():.3f}: " + ", ".join(
+                f"{cm.concepts[i]} (dist {dist.get(i, '-')}) {cm.normalised[k, i]:.2f}" for i in best))
+        result["concept_plot"] = plot_concept_mass(cm, dist, os.path.join(out_dir, f"concepts_q{question}.png"))
+    acc = accuracy_by_thoughts(trainer.model, trainer.params, trainer.val_examples, trainer.val_records, cur, tokens,
+                               tok, max_k=max_k, batch_size=trainer.c.eval_batch_size, max_new_tokens=trainer.max_new,
+                               multiple=trainer.c.pad_to_multiple)
+    print("accuracy by thoughts at inference: " + ", ".join(f"k={k}: {a:.3f}" for k, a in acc.items()))
+    result["accuracy_by_k"] = acc
+    result["accuracy_plot"] = plot_accuracy_by_thoughts(acc, os.path.join(out_dir, "accuracy_by_k.png"))
+    return result
+
+
+def cli():
+    from absl import app, flags
+    from ml_collections import config_flags
+    from coconut_jax import config as config_lib
+    config_flags.DEFINE_config_file("config", None, "the run's configuration file", lock_config=True)
+    flags.DEFINE_integer("question", 0, "validation question to analyse (position in the validation file)")
+    flags.DEFINE_integer("top_k", 5, "tokens shown per thought")
+    flags.DEFINE_integer("max_k", None, "largest number of latent stages at inference (default max_latent_stage)")
+    flags.mark_flags_as_required(["config"])
+
+    def run(argv):
+        from coconut_jax.train import quiet_libraries
+        quiet_libraries()
+        f = flags.FLAGS
+        try:
+            trainer = load_trained(f.config)
+            report(trainer, f.question, f.top_k, f.max_k, os.path.join(trainer.run_dir, "analysis"))
+        except config_lib.ConfigError as e:
+            raise SystemExit(f"error: {e}")
+    app.run(run)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,23 @@
+"""The Colab notebook runs top to bottom (on the seconds-long tiny setting)."""
+import os
+
+import pytest
+
+from tests.conftest import ROOT
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    monkeypatch.setenv("COCONUT_NOTEBOOK_TINY", "1")
+    monkeypatch.setenv("COCONUT_NOTEBOOK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", "coconut_demo.ipynb"), as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 3  # curves, concept mass, accuracy by thoughts
+    assert os.path.isfile(tmp_path / "runs" / "tiny" / "analysis" / "accuracy_by_k.png")
