@@ -11,7 +11,7 @@ Measured in the same run, compilation excluded:
   single_uncached one question at a time, every new token a full jitted latent forward over
                   the prompt and the tokens so far (no cache, no batching)
   single_reference one question at a time as the reference does it: every new token re-runs
-                  its n+1-pass latent forward (eager, like PyTorch eager mode)
+                  the n+1 full passes of its latent forward (jitted here)
 
 Prints one JSON object with seconds per question and the throughput ratios.
 """
@@ -48,6 +48,11 @@ def collate(prompts, latent, multiple):
                         batch_size=len(prompts), multiple=multiple)
 
 
+def _last(batch):
+    """Position of the row's last token (the collator left-pads to align the first latent)."""
+    return int(np.nonzero(batch.attention_mask[0])[0][-1])
+
+
 @functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent"))
 def _last_token(model, params, arrays, last, *, prefix_len, n_latent):
     hidden = coconut.latent_forward(model, params, arrays, prefix_len, n_latent)
@@ -58,17 +63,30 @@ def single_uncached(model, params, prompt, new_tokens, latent):
     ids = list(prompt)
     for _ in range(new_tokens):
         b = collate([ids], latent, multiple=32)
-        ids.append(int(_last_token(model, params, b.arrays(), len(ids) - 1, prefix_len=b.prefix_len,
+        ids.append(int(_last_token(model, params, b.arrays(), _last(b), prefix_len=b.prefix_len,
                                    n_latent=b.n_latent)))
     return ids[len(prompt):]
+
+
+_REFERENCE_FNS = {}
+
+
+def _reference_fn(model, latent_mask):
+    """The reference's forward for one layout of latents, jitted: n+1 full passes."""
+    key = (model, latent_mask.shape, latent_mask.tobytes())
+    if key not in _REFERENCE_FNS:
+        def fn(params, arrays, last):
+            hidden = coconut.reference_hidden(model, params, {**arrays, "latent_mask": latent_mask})
+            return jnp.argmax(model.logits(params, hidden[0, last]))
+        _REFERENCE_FNS[key] = jax.jit(fn)
+    return _REFERENCE_FNS[key]
 
 
 def single_reference(model, params, prompt, new_tokens, latent):
     ids = list(prompt)
     for _ in range(new_tokens):
-        b = collate([ids], latent, multiple=1)
-        hidden = coconut.reference_hidden(model, params, b.arrays())
-        ids.append(int(jnp.argmax(model.logits(params, hidden[0, -1]))))
+        b = collate([ids], latent, multiple=32)
+        ids.append(int(_reference_fn(model, b.latent_mask)(params, b.arrays(), _last(b))))
     return ids[len(prompt):]
 
 
@@ -98,6 +116,7 @@ def bench_shape(spec, questions, singles, new_tokens):
     single_uncached(model, params, prompts[0], new_tokens, latent)  # compile every length bucket
     out["single_uncached_s_per_q"], one = per_question(
         lambda: [single_uncached(model, params, p, new_tokens, latent) for p in prompts[:singles]], singles)
+    single_reference(model, params, prompts[0], new_tokens, latent)  # compile
     out["single_reference_s_per_q"], ref = per_question(
         lambda: [single_reference(model, params, p, new_tokens, latent) for p in prompts[:singles]], singles)
     # Same tokens whichever way (a random model's argmax can flip on float noise: report, don't assert).

@@ -61,8 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.prepare = ml_collections.ConfigDict({
         "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
         "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
-        # Graph size and reasoning steps (equally likely); () = the published step distribution.
-        "min_nodes": 14, "max_nodes": 28, "steps": ()})
+        # Graph size, reasoning steps (equally likely; () = the published distribution) and
+        # the number of distinct concept names (0 = all).
+        "min_nodes": 14, "max_nodes": 28, "steps": (), "n_concepts": 0})
     return c
 
 

@@ -62,7 +62,7 @@ def prepare_synthetic(c) -> None:
     model_dir = os.path.join(root, "model")
     p = c.prepare
     if jax.process_index() == 0 and not os.path.isdir(model_dir):
-        graph = prosqa_generator.GraphConfig(min_nodes=p.min_nodes, max_nodes=p.max_nodes)
+        graph = prosqa_generator.GraphConfig(min_nodes=p.min_nodes, max_nodes=p.max_nodes, n_concepts=p.n_concepts)
         if p.steps:
             graph = dataclasses.replace(graph, steps_distribution=tuple((int(s), 1.0) for s in p.steps))
         records = prosqa_generator.generate(p.train, seed=p.seed * 1000, g=graph)
@@ -213,6 +213,8 @@ class Trainer:
             result = self.train_epoch()
         if self.ckpt is not None:
             self.ckpt.close()
+        if self.sink.wandb_run is not None:
+            self.sink.wandb_run.finish()
         if self.main and not self._stop:
             self.summarize()
         return result

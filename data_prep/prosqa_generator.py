@@ -39,6 +39,7 @@ class GraphConfig:
     # Number of reasoning steps (shortest person->answer path), drawn first and then met by
     # rejection: the published sets have 3: 41%, 4: 43%, 5: 14%, 6: 2%.
     steps_distribution: tuple[tuple[int, float], ...] = ((3, 0.41), (4, 0.43), (5, 0.14), (6, 0.02))
+    n_concepts: int = 0  # draw concept names from the first n of CONCEPTS only (0: all of them)
 
 
 def _grow(rng: np.random.Generator, n: int, g: GraphConfig):
@@ -99,6 +100,7 @@ def _shortest_paths(children, src, dst):
 
 def generate_one(rng: np.random.Generator, g: GraphConfig = GraphConfig()) -> dict:
     lengths, probs = zip(*g.steps_distribution)
+    pool = CONCEPTS[:g.n_concepts] if g.n_concepts else CONCEPTS
     want = int(rng.choice(lengths, p=np.array(probs) / sum(probs)))
     while True:
         n = int(rng.integers(g.min_nodes, g.max_nodes + 1))
@@ -113,13 +115,13 @@ def generate_one(rng: np.random.Generator, g: GraphConfig = GraphConfig()) -> di
         dist0 = _distances(children, 0)
         targets = [v for v in leaves if v in from0 and v not in from1 and dist0[v] == want]
         negatives = [v for v in leaves if v in from1 and v not in from0]
-        if targets and negatives and len(people) <= len(PEOPLE) and len(concepts) <= len(CONCEPTS):
+        if targets and negatives and len(people) <= len(PEOPLE) and len(concepts) <= len(pool):
             break
     target, neg = int(rng.choice(targets)), int(rng.choice(negatives))
     names: dict[int, str] = {}
     for v, name in zip(people, rng.permutation(PEOPLE)[:len(people)]):
         names[v] = str(name)
-    for v, name in zip(concepts, rng.permutation(CONCEPTS)[:len(concepts)]):
+    for v, name in zip(concepts, rng.permutation(pool)[:len(concepts)]):
         names[v] = str(name)
 
     def fact(p, c):

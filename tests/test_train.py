@@ -222,3 +222,13 @@ def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in r.stderr
     r = run_cli(tmp_path, "--config.no_such_field=1", check=False)
     assert r.returncode != 0 and "no_such_field" in r.stderr
+
+
+def test_wandb_offline_needs_no_account_or_network(tmp_path):
+    """wandb_mode=offline logs to a local run directory (no login, no network)."""
+    pytest.importorskip("wandb")
+    env = {"WANDB_API_KEY": "", "WANDB_SILENT": "true", "HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "cfg")}
+    run_cli(tmp_path, "--config.num_epochs=1", "--config.wandb_mode=offline", env=env)
+    runs = list((tmp_path / "tiny" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb")), runs
+    assert metrics(tmp_path / "tiny" / "metrics.jsonl")[-1]["epoch"] == 1
