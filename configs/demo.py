@@ -2,8 +2,9 @@
 
 A CoT stage, then stages that replace one reasoning step each with a continuous thought.
 Nothing is downloaded: the data generator and the tokenizer/model builder run locally.
-The graphs are smaller than the published ProsQA (6-10 nodes, 2-3 reasoning steps) so a
-2-layer model learns the task in minutes; `configs/prosqa.py` is the published setting.
+The graphs are smaller than the published ProsQA (6-10 nodes, 2-3 reasoning steps, 40 concept
+names instead of 175) so a 2-layer model learns the task in minutes; `configs/prosqa.py` is
+the published setting.
 """
 from coconut_jax.config import base_config
 
@@ -35,6 +36,7 @@ def get_config():
     c.prepare.min_nodes = 6
     c.prepare.max_nodes = 10
     c.prepare.steps = (2, 3)
+    c.prepare.n_concepts = 40
     c.prepare.vocab_size = 700  # every name and concept is one token
     c.prepare.n_layer = 2
     c.prepare.n_embd = 96
