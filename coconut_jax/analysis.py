@@ -56,17 +56,11 @@ def decode_thoughts(model, params, states: np.ndarray, tokenizer, top_k: int = 5
 
 def frontier_nodes(record: dict) -> dict[int, int]:
     """Distance (in edges) of each node reachable from the person asked about (`root`)."""
+    from data_prep.prosqa_generator import distances
     children = collections.defaultdict(list)
     for u, v in record["edges"]:
         children[u].append(v)
-    dist, queue = {record["root"]: 0}, collections.deque([record["root"]])
-    while queue:
-        u = queue.popleft()
-        for v in children[u]:
-            if v not in dist:
-                dist[v] = dist[u] + 1
-                queue.append(v)
-    return dist
+    return distances(children, record["root"])
 
 
 @dataclasses.dataclass

@@ -68,7 +68,8 @@ def _grow(rng: np.random.Generator, n: int, g: GraphConfig):
     return parents, from0, from1
 
 
-def _distances(children, src):
+def distances(children, src) -> dict[int, int]:
+    """Breadth-first distance (in edges) from `src` of every node it reaches."""
     dist = {src: 0}
     queue = collections.deque([src])
     while queue:
@@ -112,7 +113,7 @@ def generate_one(rng: np.random.Generator, g: GraphConfig = GraphConfig()) -> di
         people = [v for v in range(n) if not parents[v]]
         concepts = [v for v in range(n) if parents[v]]
         leaves = [v for v in concepts if not children[v]]
-        dist0 = _distances(children, 0)
+        dist0 = distances(children, 0)
         targets = [v for v in leaves if v in from0 and v not in from1 and dist0[v] == want]
         negatives = [v for v in leaves if v in from1 and v not in from0]
         if targets and negatives and len(people) <= len(PEOPLE) and len(concepts) <= len(pool):
