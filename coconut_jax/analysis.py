@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coconut_jax import coconut, data, evaluate
+from coconut_jax.plot import pyplot, save_figure
 
 
 def _single(prompt: Sequence[int], tokens) -> data.Batch:
@@ -105,11 +106,8 @@ def accuracy_by_thoughts(model, params, examples, records, cur: data.Curriculum,
 
 def plot_concept_mass(cm: ConceptMass, distance: dict[int, int], path: str) -> str:
     """Heat map of thought x concept mass, concepts ordered by distance from the person."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     order = sorted(range(len(cm.concepts)), key=lambda i: (distance.get(i, 99), i))
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(order)), 1.2 + 0.5 * cm.mass.shape[0]))
+    fig, ax = pyplot().subplots(figsize=(max(6, 0.35 * len(order)), 1.2 + 0.5 * cm.mass.shape[0]))
     ax.imshow(cm.normalised[:, order], aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(order)))
     ax.set_xticklabels([f"{cm.concepts[i]} ({distance[i]})" if i in distance else cm.concepts[i] for i in order],
@@ -117,27 +115,18 @@ def plot_concept_mass(cm: ConceptMass, distance: dict[int, int], path: str) -> s
     ax.set_yticks(range(cm.mass.shape[0]))
     ax.set_yticklabels([f"thought {k + 1}" for k in range(cm.mass.shape[0])])
     ax.set_title("probability mass per concept (distance from the person in brackets)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_accuracy_by_thoughts(acc: dict[int, float], path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.5, 3))
+    fig, ax = pyplot().subplots(figsize=(4.5, 3))
     ks = sorted(acc)
     ax.plot(ks, [acc[k] for k in ks], marker="o")
     ax.set_xlabel("continuous thoughts at inference (k)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # -- command line ----------------------------------------------------------------------------

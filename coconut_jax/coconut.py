@@ -129,8 +129,8 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
     The first new token (argmax after each row's last prompt token) is always kept; then up
     to max_new_tokens-1 more, a row stopping before it would append EOS. Prompts may have
     different lengths and latent counts: new tokens go to shared cache slots after the
-    prompt block (the cache is the prompt's keys/values from `latent_forward`), with position ids continuing each row's own length, and right pads in
-    between are masked. Returns (tokens [B, max_new_tokens], number kept per row).
+    prompt block (the cache is the prompt's keys/values from `latent_forward`), with position
+    ids continuing each row's own length, and right pads in between are masked. Returns (tokens [B, max_new_tokens], number kept per row).
     """
     mask = arrays["attention_mask"]
     b, t = mask.shape
@@ -153,7 +153,7 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
         step, prev, cache, key_mask, tokens, done, kept = s
         slot = t + step - 1
         h, kv = model.body(params, model.embed(params, prev[:, None]), (lengths + step - 1)[:, None],
-                           jnp.ones((b, 1), bool), [{**cache, "mask": key_mask}])
+                           jnp.ones((b, 1), bool), [_segment(cache, key_mask)])
         cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=2), cache, kv)
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), bool), (0, slot))
         nxt = jnp.argmax(model.logits(params, h[:, 0]), axis=-1).astype(jnp.int32)

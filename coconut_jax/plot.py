@@ -11,11 +11,23 @@ import os
 from coconut_jax.metrics import read_metrics
 
 
-def plot_metrics(metrics_path: str, out_path: str | None = None) -> str:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def save_figure(fig, path: str, dpi: int = 110) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def plot_metrics(metrics_path: str, out_path: str | None = None) -> str:
+    plt = pyplot()
     events = read_metrics(metrics_path)
     if not events:
         raise ValueError(f"{metrics_path}: no events to plot")
@@ -42,11 +54,8 @@ def plot_metrics(metrics_path: str, out_path: str | None = None) -> str:
             ax.axvline(step, color="gray", ls=":", lw=1)
             ax.text(step, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8, color="gray")
         ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
     out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(metrics_path)), "curves.png")
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return save_figure(fig, out_path)
 
 
 def main(argv=None):
