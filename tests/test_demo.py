@@ -4,14 +4,16 @@ import os
 
 from tests.conftest import run_cli
 
-# 4 epochs of 100 steps, one per stage (CoT, then 1, 2, 3 thoughts). Accuracy needs ~2,000
-# steps of this model to rise (the full demo runs 4,500), more than a test can afford, so
-# this run checks the schedule, the outputs and that the losses fall.
-SHORT = ("--config.prepare.train=1600", "--config.prepare.valid=50", "--config.num_epochs=4",
-         "--config.epochs_per_stage=1", "--config.print_examples=0")
+# One epoch per stage (CoT, then 1, 2, 3 thoughts) of 188 steps, on the demo's generator with
+# smaller graphs (5-8 nodes) so that answers start to come out right within a test's budget.
+# At this length accuracy rises from 0 as the model learns to answer, not yet above chance:
+# the full demo runs 4,500 steps.
+SHORT = ("--config.prepare.train=3000", "--config.prepare.valid=100", "--config.prepare.min_nodes=5",
+         "--config.prepare.max_nodes=8", "--config.num_epochs=4", "--config.epochs_per_stage=1",
+         "--config.print_examples=0")
 
 
-def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path):
+def test_demo_runs_end_to_end_and_learns(tmp_path):
     r = run_cli(tmp_path, *SHORT, config="configs/demo.py")
     run = tmp_path / "demo"
     with open(run / "metrics.jsonl") as f:
@@ -23,7 +25,10 @@ def test_demo_runs_end_to_end_and_its_losses_fall(tmp_path):
     # Loss down: the last 50 steps well below the first 50; validation loss down across the run.
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-    assert all(0.0 <= e["eval/acc"] <= 1.0 for e in evals)
+    # Accuracy up across stages: the last stage answers more questions right than the first,
+    # and no stage does better than the last.
+    accs = [e["eval/acc"] for e in evals]
+    assert accs[-1] > accs[0] and accs[-1] == max(accs), accs
     # The per-stage summary table and the curves.
     assert "thoughts" in r.stdout and "accuracy" in r.stdout
     with open(run / "curves.png", "rb") as f:
