@@ -59,13 +59,18 @@ def _last_token(model, params, arrays, last, *, prefix_len, n_latent):
     return jnp.argmax(model.logits(params, hidden[0, last]))
 
 
-def single_uncached(model, params, prompt, new_tokens, latent):
+def _one_at_a_time(next_token, prompt, new_tokens, latent):
+    """Greedy decoding of one prompt with no cache: `next_token(batch)` runs a full forward
+    over the prompt and the tokens so far for every new token."""
     ids = list(prompt)
     for _ in range(new_tokens):
-        b = collate([ids], latent, multiple=32)
-        ids.append(int(_last_token(model, params, b.arrays(), _last(b), prefix_len=b.prefix_len,
-                                   n_latent=b.n_latent)))
+        ids.append(int(next_token(collate([ids], latent, multiple=32))))
     return ids[len(prompt):]
+
+
+def single_uncached(model, params, prompt, new_tokens, latent):
+    return _one_at_a_time(lambda b: _last_token(model, params, b.arrays(), _last(b), prefix_len=b.prefix_len,
+                                                n_latent=b.n_latent), prompt, new_tokens, latent)
 
 
 _REFERENCE_FNS = {}
@@ -83,11 +88,8 @@ def _reference_fn(model, latent_mask):
 
 
 def single_reference(model, params, prompt, new_tokens, latent):
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        b = collate([ids], latent, multiple=32)
-        ids.append(int(_reference_fn(model, b.latent_mask)(params, b.arrays(), _last(b))))
-    return ids[len(prompt):]
+    return _one_at_a_time(lambda b: _reference_fn(model, b.latent_mask)(params, b.arrays(), _last(b)),
+                          prompt, new_tokens, latent)
 
 
 def batched(model, params, prompts, new_tokens, latent):

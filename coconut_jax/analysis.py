@@ -57,11 +57,8 @@ def decode_thoughts(model, params, states: np.ndarray, tokenizer, top_k: int = 5
 
 def frontier_nodes(record: dict) -> dict[int, int]:
     """Distance (in edges) of each node reachable from the person asked about (`root`)."""
-    from data_prep.prosqa_generator import distances
-    children = collections.defaultdict(list)
-    for u, v in record["edges"]:
-        children[u].append(v)
-    return distances(children, record["root"])
+    from data_prep.prosqa_generator import distances, record_children
+    return distances(record_children(record), record["root"])
 
 
 @dataclasses.dataclass

@@ -32,6 +32,11 @@ def _segment(kv, mask):
     return {"k": kv["k"], "v": kv["v"], "mask": mask}
 
 
+def _write(cache, kv, slot):
+    """`cache` with the keys/values `kv` written at positions slot.. (axis 2, [L,B,T,H,D])."""
+    return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=2), cache, kv)
+
+
 def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
                    dropout_key=None, with_kv: bool = False):
     """Hidden states [B,T,E] of a batch with its continuous thoughts.
@@ -71,8 +76,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
             filled = mid_mask & (jnp.arange(m) < k)[None]
             key = None if k_mid is None else jax.random.fold_in(k_mid, k)
             h, kv = model.body(params, x, take(pos, i), take(mask, i), past + [_segment(kv_mid, filled)], key)
-            kv_mid = jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, k, axis=2), kv_mid, kv)
-            return (kv_mid, h[:, 0]), h[:, 0]
+            return (_write(kv_mid, kv, k), h[:, 0]), h[:, 0]
 
         (kv_mid, thought), h_mid = jax.lax.scan(thought_pass, (kv_mid, thought), jnp.arange(m))
         past.append(_segment(kv_mid, mid_mask))
@@ -130,7 +134,8 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
     to max_new_tokens-1 more, a row stopping before it would append EOS. Prompts may have
     different lengths and latent counts: new tokens go to shared cache slots after the
     prompt block (the cache is the prompt's keys/values from `latent_forward`), with position
-    ids continuing each row's own length, and right pads in between are masked. Returns (tokens [B, max_new_tokens], number kept per row).
+    ids continuing each row's own length, and right pads in between are masked.
+    Returns (tokens [B, max_new_tokens], number kept per row).
     """
     mask = arrays["attention_mask"]
     b, t = mask.shape
@@ -154,7 +159,7 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
         slot = t + step - 1
         h, kv = model.body(params, model.embed(params, prev[:, None]), (lengths + step - 1)[:, None],
                            jnp.ones((b, 1), bool), [_segment(cache, key_mask)])
-        cache = jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=2), cache, kv)
+        cache = _write(cache, kv, slot)
         key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((b, 1), bool), (0, slot))
         nxt = jnp.argmax(model.logits(params, h[:, 0]), axis=-1).astype(jnp.int32)
         done = done | (nxt == eos_id)

@@ -81,6 +81,14 @@ def distances(children, src) -> dict[int, int]:
     return dist
 
 
+def record_children(record: dict) -> list[list[int]]:
+    """Children of each node of a record's graph (its `edges` over `idx_to_symbol`)."""
+    children: list[list[int]] = [[] for _ in record["idx_to_symbol"]]
+    for p, c in record["edges"]:
+        children[p].append(c)
+    return children
+
+
 def _shortest_paths(children, src, dst):
     """(length, number of shortest paths, one shortest path) from src to dst."""
     dist, count, prev = {src: 0}, {src: 1}, {}
@@ -157,12 +165,8 @@ def graph_statistics(records: list[dict]) -> dict[str, float]:
     """Mean nodes, edges, shortest-path length and number of shortest paths (root -> target)."""
     nodes, edges, lengths, counts = [], [], [], []
     for r in records:
-        n = len(r["idx_to_symbol"])
-        children = [[] for _ in range(n)]
-        for p, c in r["edges"]:
-            children[p].append(c)
-        length, count, _ = _shortest_paths(children, r["root"], r["target"])
-        nodes.append(n), edges.append(len(r["edges"])), lengths.append(length), counts.append(count)
+        length, count, _ = _shortest_paths(record_children(r), r["root"], r["target"])
+        nodes.append(len(r["idx_to_symbol"])), edges.append(len(r["edges"])), lengths.append(length), counts.append(count)
     return {"nodes": float(np.mean(nodes)), "edges": float(np.mean(edges)),
             "shortest_path": float(np.mean(lengths)), "shortest_paths": float(np.mean(counts))}
 

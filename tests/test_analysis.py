@@ -1,21 +1,17 @@
 """Latent-thought analysis on the tiny trained run."""
-import importlib.util
-import json
 import os
 
 import numpy as np
 import pytest
 
 from coconut_jax import analysis, coconut, data
-from tests.conftest import ROOT
+from coconut_jax.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_run):
-    spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    from configs import tiny
+    c = tiny.get_config()
     c.save_path = os.path.dirname(tiny_run)
     c.cache_dir = os.path.join(c.save_path, "cache")
     return analysis.load_trained(c)
@@ -69,7 +65,8 @@ def test_concept_mass_is_normalised_over_the_graph(trained):
 
 
 def test_frontier_nodes_are_distances_from_the_person():
-    record = {"root": 0, "edges": [[0, 2], [2, 3], [3, 4], [0, 4], [1, 5]]}
+    record = {"root": 0, "edges": [[0, 2], [2, 3], [3, 4], [0, 4], [1, 5]],
+              "idx_to_symbol": ["Tom", "Ann", "wumpus", "yumpus", "zumpus", "dumpus"]}
     assert analysis.frontier_nodes(record) == {0: 0, 2: 1, 4: 1, 3: 2}
 
 
@@ -79,8 +76,7 @@ def test_accuracy_by_thoughts_matches_the_training_evaluation(trained, tiny_run)
                                         max_k=2, batch_size=t.c.eval_batch_size, max_new_tokens=t.max_new,
                                         multiple=t.c.pad_to_multiple)
     assert sorted(acc) == [0, 1, 2] and all(0.0 <= a <= 1.0 for a in acc.values())
-    with open(os.path.join(tiny_run, "metrics.jsonl")) as f:
-        final = [e for e in map(json.loads, f) if "eval/acc" in e][-1]
+    final = [e for e in read_metrics(os.path.join(tiny_run, "metrics.jsonl")) if "eval/acc" in e][-1]
     assert final["stage"] == 2 and acc[2] == pytest.approx(final["eval/acc"])
 
 

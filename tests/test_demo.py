@@ -1,7 +1,7 @@
 """The README's first command, on a shortened setting: the offline demo runs end to end and learns."""
-import json
 import os
 
+from coconut_jax.metrics import read_metrics
 from tests.conftest import run_cli
 
 # One epoch per stage (CoT, then 1, 2, 3 thoughts) of 188 steps, on the demo's generator with
@@ -16,8 +16,7 @@ SHORT = ("--config.prepare.train=3000", "--config.prepare.valid=100", "--config.
 def test_demo_runs_end_to_end_and_learns(tmp_path):
     r = run_cli(tmp_path, *SHORT, config="configs/demo.py")
     run = tmp_path / "demo"
-    with open(run / "metrics.jsonl") as f:
-        events = [json.loads(line) for line in f]
+    events = read_metrics(run / "metrics.jsonl")
     losses = [e["train/loss"] for e in events if "train/loss" in e]
     evals = [e for e in events if "eval/acc" in e]
     assert [e["stage"] for e in evals] == [0, 1, 2, 3]

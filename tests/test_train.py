@@ -11,13 +11,8 @@ import pytest
 
 from coconut_jax import config as config_lib, data, train
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+from coconut_jax.metrics import read_metrics as metrics
 from tests.conftest import run_cli
-
-
-
-def metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def final_params(run_dir):
@@ -29,24 +24,30 @@ def final_params(run_dir):
     return jax.tree.map(np.asarray, state["params"])
 
 
-@pytest.fixture(scope="module")
-def reference_run(tiny_run):
-    return tiny_run
+def assert_first_epochs_match(ref_dir, got_dir, keys, epochs=2, tol=1e-5):
+    """The run in `got_dir` logged what the reference run logged in its first `epochs`."""
+    ref = [e for e in metrics(os.path.join(ref_dir, "metrics.jsonl")) if e["epoch"] <= epochs]
+    got = metrics(os.path.join(got_dir, "metrics.jsonl"))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        for k in keys:
+            if k in a:
+                assert abs(a[k] - b[k]) <= tol, (k, a, b)
 
 
-def test_training_learns_and_logs(reference_run):
-    m = metrics(os.path.join(reference_run, "metrics.jsonl"))
+def test_training_learns_and_logs(tiny_run):
+    m = metrics(os.path.join(tiny_run, "metrics.jsonl"))
     train_losses = [e["train/loss"] for e in m if "train/loss" in e]
     evals = [e for e in m if "eval/loss" in e]
     assert len(evals) == 3 and [e["stage"] for e in evals] == [0, 1, 2]
     assert train_losses[-1] < train_losses[0]
     for e in m:
         assert {"step", "epoch", "stage"} <= set(e)
-    preds = [json.loads(line) for line in open(os.path.join(reference_run, "predictions_epoch3.jsonl"))]
+    preds = [json.loads(line) for line in open(os.path.join(tiny_run, "predictions_epoch3.jsonl"))]
     assert len(preds) == 8 and set(preds[0]) == {"index", "text", "answer", "gold", "correct", "cot_match", "new_tokens", "thoughts"}
 
 
-def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
+def test_resume_after_sigkill_is_exact(tiny_run, tmp_path):
     ckpts = tmp_path / "tiny" / "checkpoints"
     proc = run_cli(tmp_path, "--config.checkpoint_every_steps=1", popen=True)
     deadline = time.time() + 240
@@ -57,35 +58,29 @@ def test_resume_after_sigkill_is_exact(reference_run, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     run_cli(tmp_path, "--config.checkpoint_every_steps=1")
-    a, b = metrics(os.path.join(reference_run, "metrics.jsonl")), metrics(tmp_path / "tiny" / "metrics.jsonl")
+    a, b = metrics(os.path.join(tiny_run, "metrics.jsonl")), metrics(tmp_path / "tiny" / "metrics.jsonl")
     strip = lambda m: [{k: v for k, v in e.items() if k != "train/tokens_per_s"} for e in m]
     assert strip(a) == strip(b)
-    jax.tree.map(np.testing.assert_array_equal, final_params(reference_run), final_params(tmp_path / "tiny"))
+    jax.tree.map(np.testing.assert_array_equal, final_params(tiny_run), final_params(tmp_path / "tiny"))
 
 
-def test_only_eval_reproduces_the_final_evaluation(reference_run, tmp_path):
+def test_only_eval_reproduces_the_final_evaluation(tiny_run, tmp_path):
     run_cli(tmp_path, "--config.only_eval=True", "--config.resume=2",
-            f"--config.load_model_path={reference_run}/checkpoints",
-            "--config.prepare.kind=", f"--config.val_path={reference_run}/prepared/prosqa_valid.json",
-            f"--config.model_id={reference_run}/prepared/model")
-    final = [e for e in metrics(os.path.join(reference_run, "metrics.jsonl")) if "eval/acc" in e][-1]
+            f"--config.load_model_path={tiny_run}/checkpoints",
+            "--config.prepare.kind=", f"--config.val_path={tiny_run}/prepared/prosqa_valid.json",
+            f"--config.model_id={tiny_run}/prepared/model")
+    final = [e for e in metrics(os.path.join(tiny_run, "metrics.jsonl")) if "eval/acc" in e][-1]
     again = metrics(tmp_path / "tiny" / "metrics.jsonl")[-1]
     for k in ("eval/acc", "eval/cot_em", "eval/loss", "stage"):
         assert again[k] == pytest.approx(final[k], abs=1e-6), k
     texts = lambda p: [json.loads(line)["text"] for line in open(p)]
-    assert texts(tmp_path / "tiny" / "predictions_epoch3.jsonl") == texts(os.path.join(reference_run, "predictions_epoch3.jsonl"))
+    assert texts(tmp_path / "tiny" / "predictions_epoch3.jsonl") == texts(os.path.join(tiny_run, "predictions_epoch3.jsonl"))
 
 
-def test_sharded_on_8_devices_equals_single_device(reference_run, tmp_path):
+def test_sharded_on_8_devices_equals_single_device(tiny_run, tmp_path):
     run_cli(tmp_path, "--config.num_epochs=2", "--config.mesh.data=4", "--config.mesh.fsdp=2",
             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    ref = [e for e in metrics(os.path.join(reference_run, "metrics.jsonl")) if e["epoch"] <= 2]
-    got = metrics(tmp_path / "tiny" / "metrics.jsonl")
-    assert len(ref) == len(got)
-    for a, b in zip(ref, got):
-        for k in ("train/loss", "eval/loss"):
-            if k in a:
-                assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    assert_first_epochs_match(tiny_run, tmp_path / "tiny", ("train/loss", "eval/loss"))
 
 
 def _free_port():
@@ -95,7 +90,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_single_process(reference_run, tmp_path):
+def test_two_processes_equal_single_process(tiny_run, tmp_path):
     """Two local processes on the CPU distributed runtime (one device each, each feeding
     its half of every batch) train exactly like one process."""
     port = _free_port()
@@ -105,13 +100,7 @@ def test_two_processes_equal_single_process(reference_run, tmp_path):
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    ref = [e for e in metrics(os.path.join(reference_run, "metrics.jsonl")) if e["epoch"] <= 2]
-    got = metrics(tmp_path / "tiny" / "metrics.jsonl")
-    assert len(ref) == len(got)
-    for a, b in zip(ref, got):
-        for k in ("train/loss", "eval/loss", "eval/acc"):
-            if k in a:
-                assert abs(a[k] - b[k]) <= 1e-5, (k, a, b)
+    assert_first_epochs_match(tiny_run, tmp_path / "tiny", ("train/loss", "eval/loss", "eval/acc"))
 
 
 def test_gradient_accumulation_equals_full_batch():
