@@ -63,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
         "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
         # Graph size, reasoning steps (equally likely; () = the published distribution) and
         # the number of distinct concept names (0 = all).
-        "min_nodes": 14, "max_nodes": 28, "steps": (), "n_concepts": 0})
+        "min_nodes": 14, "max_nodes": 28, "steps": (), "n_concepts": 0,
+        # Start the model with a fact-lookup circuit instead of random weights (coconut_jax.induction).
+        "induction_heads": False})
     return c
 
 

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from coconut_jax import hf
+from coconut_jax import hf, induction
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 EOS = "<|endoftext|>"
@@ -40,12 +40,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 
 def build(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024, n_layer: int = 2, n_embd: int = 128,
-          n_head: int = 4, n_positions: int = 512, dropout: float = 0.0, seed: int = 0, overwrite: bool = False) -> str:
-    """Trains a tokenizer on `texts`, initialises a random GPT-2 and saves both in HF format."""
+          n_head: int = 4, n_positions: int = 512, dropout: float = 0.0, seed: int = 0, induction_heads: bool = False,
+          overwrite: bool = False) -> str:
+    """Trains a tokenizer on `texts`, initialises a random GPT-2 and saves both in HF format.
+
+    `induction_heads` starts the model with a fact-lookup circuit (`coconut_jax.induction`).
+    """
     tok = train_tokenizer(texts, vocab_size)
     config = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
     params = GPT2Model(config).init(seed)
+    if induction_heads:
+        params = induction.wire_induction_heads(config, params, seed=seed)
     return hf.export_hf(config, params, out_dir, tokenizer=tok, overwrite=overwrite)
 
 
@@ -66,11 +72,12 @@ def main(argv=None):
                                                        "n_positions": 512}.get(name, defaults[name]))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--induction_heads", action="store_true", help="start with a fact-lookup circuit (coconut_jax.induction)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     out = build(record_texts(load_records(a.data)), a.out, vocab_size=a.vocab_size, n_layer=a.n_layer,
                 n_embd=a.n_embd, n_head=a.n_head, n_positions=a.n_positions, dropout=a.dropout,
-                seed=a.seed, overwrite=a.overwrite)
+                seed=a.seed, induction_heads=a.induction_heads, overwrite=a.overwrite)
     print(f"wrote {out}")
 
 

@@ -69,7 +69,8 @@ def prepare_synthetic(c) -> None:
         write_json(records, train)
         write_json(prosqa_generator.generate(p.valid, seed=p.seed * 1000 + 1, g=graph), valid)
         tiny.build(tiny.record_texts(records), model_dir, vocab_size=p.vocab_size, n_layer=p.n_layer,
-                   n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed)
+                   n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed,
+                   induction_heads=p.induction_heads)
         print(f"built {model_dir}")
     if jax.process_count() > 1:  # the other hosts read what host 0 wrote
         from jax.experimental import multihost_utils
