@@ -72,14 +72,8 @@ def wire_induction_heads(config: GPT2Config, params: dict, query_offset: int = 2
     pos_gain = np.sqrt(_SHARPNESS * np.sqrt(d)) / (ln_gain * _POSITION_RMS)
     copy_basis, _ = np.linalg.qr(rng.normal(size=(d, d)))  # one basis for both copies
 
-    layer0 = p["h"]["0"]
-    qkv, bias = np.array(layer0["c_attn"]["kernel"]), np.array(layer0["c_attn"]["bias"])
-    proj = np.array(layer0["attn_proj"]["kernel"])
-    for head, (offset, block) in enumerate(((query_offset, copy_q), (key_offset, copy_k))):
-        q, k, v = (slice(j * e + head * d, j * e + (head + 1) * d) for j in range(3))
-        for cols in (q, k, v):
-            qkv[:, cols] = 0.0
-            bias[cols] = 0.0
+    qkv, bias, proj, heads = _cleared_heads(p["h"]["0"], e, d, n_heads=2)
+    for head, ((q, k, v), offset, block) in enumerate(zip(heads, (query_offset, key_offset), (copy_q, copy_k))):
         for f, w in enumerate(omega):
             s, c = pos.start + 2 * f, pos.start + 2 * f + 1
             qs, qc = q.start + 2 * f, q.start + 2 * f + 1
@@ -88,28 +82,37 @@ def wire_induction_heads(config: GPT2Config, params: dict, query_offset: int = 2
             qkv[s, qc], qkv[c, qc] = pos_gain * np.sin(w * offset), pos_gain * np.cos(w * offset)
             qkv[s, k.start + 2 * f] = qkv[c, k.start + 2 * f + 1] = pos_gain
         qkv[tok, v] = copy_basis
-        proj[head * d:(head + 1) * d, :] = 0.0
         proj[head * d:(head + 1) * d, block] = np.eye(d) / ln_gain
-    layer0["c_attn"] = {"kernel": qkv, "bias": bias}
-    layer0["attn_proj"] = {"kernel": proj, "bias": np.array(layer0["attn_proj"]["bias"])}
+    _set_attention(p["h"]["0"], qkv, bias, proj)
 
-    layer1 = p["h"]["1"]
-    qkv, bias = np.array(layer1["c_attn"]["kernel"]), np.array(layer1["c_attn"]["bias"])
-    proj = np.array(layer1["attn_proj"]["kernel"])
-    q, k, v = (slice(j * e, j * e + d) for j in range(3))
-    for cols in (q, k, v):
-        qkv[:, cols] = 0.0
-        bias[cols] = 0.0
+    qkv, bias, proj, [(q, k, v)] = _cleared_heads(p["h"]["1"], e, d, n_heads=1)
     match_gain = np.sqrt(_SHARPNESS * 4 * np.sqrt(d) / d)
     qkv[copy_q, q] = np.eye(d) * match_gain
     qkv[copy_k, k] = np.eye(d) * match_gain
     out_basis, _ = np.linalg.qr(rng.normal(size=(d, d)))
     qkv[tok, v] = out_basis
-    proj[:d, :] = 0.0
     proj[:d, tok] = out_basis.T / ln_gain
-    layer1["c_attn"] = {"kernel": qkv, "bias": bias}
-    layer1["attn_proj"] = {"kernel": proj, "bias": np.array(layer1["attn_proj"]["bias"])}
+    _set_attention(p["h"]["1"], qkv, bias, proj)
     return p
+
+
+def _cleared_heads(layer: dict, e: int, d: int, n_heads: int):
+    """Copies of a layer's qkv kernel/bias and output projection with its first `n_heads` heads
+    cleared (query, key and value columns, and their rows of the projection), and those heads'
+    (q, k, v) column slices."""
+    qkv, bias = np.array(layer["c_attn"]["kernel"]), np.array(layer["c_attn"]["bias"])
+    proj = np.array(layer["attn_proj"]["kernel"])
+    heads = [tuple(slice(j * e + head * d, j * e + (head + 1) * d) for j in range(3)) for head in range(n_heads)]
+    for cols in (c for head in heads for c in head):
+        qkv[:, cols] = 0.0
+        bias[cols] = 0.0
+    proj[:n_heads * d, :] = 0.0
+    return qkv, bias, proj, heads
+
+
+def _set_attention(layer: dict, qkv, bias, proj) -> None:
+    layer["c_attn"] = {"kernel": qkv, "bias": bias}
+    layer["attn_proj"] = {"kernel": proj, "bias": np.array(layer["attn_proj"]["bias"])}
 
 
 # -- the task the circuit is built for, for tests and benchmarks/lookup.py --------------------
@@ -135,13 +138,18 @@ def fact_lookup_batch(rng: np.random.Generator, size: int, n_facts: int = 12):
     return np.array(ids), np.array(objects), np.array(answers)
 
 
-def lookup_accuracy(model, params, ids, objects, answers) -> float:
-    """Share of rows whose last position ranks the queried fact's object first among the objects."""
+def _last_hidden(model, params, ids):
+    """Final hidden state at the last position of unpadded rows of token ids."""
     import jax.numpy as jnp
     ids = jnp.asarray(ids)
     positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
     hidden, _ = model.body(params, model.embed(params, ids), positions, jnp.ones(ids.shape, bool))
-    logits = np.asarray(model.logits(params, hidden[:, -1]))
+    return hidden[:, -1]
+
+
+def lookup_accuracy(model, params, ids, objects, answers) -> float:
+    """Share of rows whose last position ranks the queried fact's object first among the objects."""
+    logits = np.asarray(model.logits(params, _last_hidden(model, params, ids)))
     picked = objects[np.arange(len(objects)), np.argmax(np.take_along_axis(logits, objects, 1), 1)]
     return float(np.mean(picked == answers))
 
@@ -155,9 +163,7 @@ def train_on_lookup(model, params, steps: int, rng: np.random.Generator, lr: flo
     tx = optax.adam(lr)
 
     def loss(p, ids, target):
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-        hidden, _ = model.body(p, model.embed(p, ids), positions, jnp.ones(ids.shape, bool))
-        logp = jax.nn.log_softmax(model.logits(p, hidden[:, -1]))
+        logp = jax.nn.log_softmax(model.logits(p, _last_hidden(model, p, ids)))
         return -jnp.take_along_axis(logp, target[:, None], 1).mean()
 
     @jax.jit
