@@ -16,13 +16,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import coconut, data, evaluate
+from coconut_jax import coconut, config as config_lib, data, evaluate
 from coconut_jax.plot import pyplot, save_figure
 
 
@@ -130,12 +131,17 @@ def plot_accuracy_by_thoughts(acc: dict[int, float], path: str) -> str:
 
 def load_trained(c):
     """A `Trainer` holding the run's latest checkpoint (evaluation only, nothing written)."""
+    from coconut_jax import checkpoint
     from coconut_jax.train import Trainer
     c.only_eval = True
     c.wandb_mode = "disabled"
     if c.load_model_path in ("", "None"):
-        c.load_model_path = os.path.join(c.save_path, c.name, "checkpoints")
-    return Trainer(c)
+        ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
+        found = checkpoint.steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+        if not found:
+            raise config_lib.ConfigError(f"{ckpt_dir}: no checkpoint to analyse; train the run first")
+        c.load_model_path = os.path.join(ckpt_dir, str(found[-1]))
+    return Trainer(c, writes=False)
 
 
 def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
@@ -171,7 +177,7 @@ def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) 
 def cli():
     from absl import app, flags
     from ml_collections import config_flags
-    from coconut_jax import config as config_lib
+    from coconut_jax import rundir
     config_flags.DEFINE_config_file("config", None, "the run's configuration file", lock_config=True)
     flags.DEFINE_integer("question", 0, "validation question to analyse (position in the validation file)")
     flags.DEFINE_integer("top_k", 5, "tokens shown per thought")
@@ -185,9 +191,10 @@ def cli():
         try:
             trainer = load_trained(f.config)
             report(trainer, f.question, f.top_k, f.max_k, os.path.join(trainer.run_dir, "analysis"))
-        except config_lib.ConfigError as e:
-            raise SystemExit(f"error: {e}")
-    app.run(run)
+        except (config_lib.ConfigError, rundir.RunDirError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    app.run(run, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ flags (`coconut`, `cot`, `no_thoughts`, `no_cot`, `special_token`).
 from __future__ import annotations
 
 import os
+import sys
 
 import ml_collections
 
@@ -90,6 +91,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"global_batch_size={c.global_batch_size} is not divisible by gradient_accumulation_steps={c.gradient_accumulation_steps}")
     need(0 <= c.resume <= c.num_epochs, f"resume={c.resume} must be between 0 and num_epochs={c.num_epochs}")
     need(c.lr > 0, "lr must be > 0")
+    need(c.num_epochs >= 1, f"num_epochs={c.num_epochs} must be >= 1")
+    need(c.global_batch_size >= 1, f"global_batch_size={c.global_batch_size} must be >= 1")
+    need(c.eval_batch_size >= 1, f"eval_batch_size={c.eval_batch_size} must be >= 1")
+    need(c.max_new_tokens >= 0, f"max_new_tokens={c.max_new_tokens} must be >= 0 (0: the reference's default)")
+    need(c.max_val_examples >= 0, f"max_val_examples={c.max_val_examples} must be >= 0 (0: all)")
+    need(c.pad_to_multiple >= 1, f"pad_to_multiple={c.pad_to_multiple} must be >= 1")
+    need(c.checkpoint_every_steps >= 0, f"checkpoint_every_steps={c.checkpoint_every_steps} must be >= 0")
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
@@ -99,6 +107,40 @@ def validate(c: ml_collections.ConfigDict) -> None:
             need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
     if c.load_model_path not in ("", "None"):
         need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
+
+
+def checked(fn, *args):
+    """`fn(*args)` with a ValueError (a mesh that does not fit the devices, ...) as a ConfigError."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from e
+
+
+def check_batch_arithmetic(micro: int, data_devices: int, processes: int) -> None:
+    """The micro-batch must split evenly over the data-parallel devices and the hosts."""
+    per = f"global_batch_size / gradient_accumulation_steps = {micro}"
+    if micro % data_devices:
+        raise ConfigError(f"config: micro-batch ({per}) is not divisible by the {data_devices} data-parallel devices "
+                          f"(mesh.data x mesh.fsdp)")
+    if micro % processes:
+        raise ConfigError(f"config: micro-batch ({per}) is not divisible by the {processes} processes")
+
+
+def flat_fields(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every field's dotted name (`lr`, `mesh.data`, `prepare.n_embd`, ...)."""
+    out = []
+    for k, v in c.items():
+        out += flat_fields(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [prefix + k]
+    return out
+
+
+def unknown_field_message(name: str, c: ml_collections.ConfigDict) -> str:
+    """One line for a `--config.NAME` that is not a field, with the nearest valid names."""
+    import difflib
+    near = difflib.get_close_matches(name, flat_fields(c), n=1, cutoff=0.5)
+    hint = f"; did you mean --config.{near[0]}?" if near else "; see configs/ or coconut_jax/config.py for the fields"
+    return f"config: unknown field --config.{name}{hint}"
 
 
 def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
@@ -112,10 +154,12 @@ def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: expected a mapping of settings")
     c = base_config()
     flags = [k for k in ("coconut", "cot", "no_thoughts", "no_cot") if y.get(k)]
-    if y.get("special_token"):
+    # All four false: the reference trains a plain LM on the Coconut sequences (markers and
+    # latent tokens, rows from `<<`, no feedback), which is pause as thought.
+    if y.get("special_token") or not flags:
         flags = ["pause_as_thought"]
     if len(flags) != 1:
-        raise ConfigError(f"{path}: exactly one of coconut/cot/no_thoughts/no_cot must be true, found {flags or 'none'}")
+        raise ConfigError(f"{path}: at most one of coconut/cot/no_thoughts/no_cot may be true, found {', '.join(flags)}")
     c.method = flags[0]
     ignored = {"coconut", "cot", "no_thoughts", "no_cot", "special_token", "local", "local_path",
                "batch_size_training"}
@@ -128,3 +172,59 @@ def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
     c.global_batch_size = int(y["batch_size_training"]) * REFERENCE_DEVICES * int(y.get("gradient_accumulation_steps", 1))
     c.load_model_path = str(y.get("load_model_path", "None"))
     return c
+
+
+def _config_file_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path.py` or `path.py:argument` -> the file's get_config() (as `--config` reads it)."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: config file not found")
+    # The evaluation configs build on their training configs (`from configs import gsm`):
+    # the folder holding `configs/` must be importable from any working directory.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.append(root)
+    module_spec = importlib.util.spec_from_file_location("coconut_jax_user_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Before absl parses the flags: the config file exists and every `--config.NAME` is a field."""
+    spec = _config_file_arg(argv)
+    if spec is None:
+        return
+    c = load_config_file(spec)
+    fields = set(flat_fields(c))
+    for a in argv:
+        if a.startswith("--config.") and a != "--config.":
+            name = a[len("--config."):].split("=", 1)[0]
+            if name not in fields and not (name.startswith("no") and name[2:] in fields):  # --config.noflag
+                raise ConfigError(unknown_field_message(name, c))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing with every mistake as one line on stderr and exit code 2."""
+    from absl import flags
+    try:
+        check_overrides(argv)
+        return flags.FLAGS(argv)
+    except ConfigError as e:
+        message = str(e)
+    except flags.Error as e:
+        message = f"config: {e}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

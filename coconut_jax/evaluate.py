@@ -27,10 +27,11 @@ class Prediction:
 
 
 def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curriculum, tokens, batch_size: int,
-                   multiple: int) -> list[tuple[data.Batch, list[list[int]]]]:
-    """Evaluation prompts grouped by length (less padding), as fixed-shape batches."""
+                   multiple: int, fits: np.ndarray | None = None) -> list[tuple[data.Batch, list[list[int]]]]:
+    """Evaluation prompts grouped by length (less padding), as fixed-shape batches; `fits`
+    (a mask over `examples`) leaves out prompts that do not fit the context."""
     prompts = [data.eval_prompt(e, stage, cur, tokens) for e in examples]
-    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
+    order = sorted((i for i in range(len(examples)) if fits is None or fits[i]), key=lambda i: (len(prompts[i]), i))
     out = []
     for s in range(0, len(order), batch_size):
         rows = order[s:s + batch_size]
@@ -40,13 +41,25 @@ def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curri
     return out
 
 
+def fitting_prompts(examples, stage, cur, tokens, max_new_tokens: int, context: int, overlong: str) -> np.ndarray:
+    """Which prompts leave room for `max_new_tokens` in the model's context (the last new token
+    is never fed back); the others are an error or, with overlong='skip', left out and scored wrong."""
+    lengths = [len(data.eval_prompt(e, stage, cur, tokens)) + max_new_tokens - 1 for e in examples]
+    return data.check_lengths(lengths, [e.idx for e in examples], context, overlong,
+                              f"validation prompts at stage {stage} plus max_new_tokens={max_new_tokens}")
+
+
 def generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, *, batch_size: int,
-                         max_new_tokens: int, multiple: int = 32, put: Callable = None, get: Callable = np.asarray,
+                         max_new_tokens: int, multiple: int = 32, context: int | None = None, overlong: str = "error",
+                         put: Callable = None, get: Callable = np.asarray,
                          progress: Callable = lambda it, **kw: it) -> list[Prediction]:
-    """Greedy answers for `examples` at `stage`, scored against their records (SPEC §6)."""
+    """Greedy answers for `examples` at `stage`, scored against their records (SPEC §6).
+
+    Prompts that do not fit `context` with `max_new_tokens` are an error or left out (`overlong`)."""
     put = put or (lambda b: b.arrays())
+    fits = None if context is None else fitting_prompts(examples, stage, cur, tokens, max_new_tokens, context, overlong)
     preds = []
-    for batch, prompts in progress(prompt_batches(examples, stage, cur, tokens, batch_size, multiple),
+    for batch, prompts in progress(prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits),
                                    desc=f"generate (stage {stage})"):
         toks, kept = coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
                                       n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
@@ -62,7 +75,11 @@ def generate_predictions(model, params, examples, records, stage, cur, tokens, t
     return sorted(preds, key=lambda p: p.index)
 
 
-def summarize(preds: Sequence[Prediction]) -> dict[str, float]:
-    n = max(len(preds), 1)
+def summarize(preds: Sequence[Prediction], questions: int | None = None) -> dict[str, float]:
+    """Accuracy and CoT match over all `questions` (those left out as too long count as wrong);
+    generated tokens and thoughts averaged over the answered ones."""
+    questions = len(preds) if questions is None else questions
+    n, answered = max(questions, 1), max(len(preds), 1)
     return {"acc": sum(p.correct for p in preds) / n, "cot_em": sum(p.cot_match for p in preds) / n,
-            "new_tokens": sum(p.new_tokens for p in preds) / n, "thoughts": sum(p.thoughts for p in preds) / n}
+            "new_tokens": sum(p.new_tokens for p in preds) / answered,
+            "thoughts": sum(p.thoughts for p in preds) / answered, "skipped": questions - len(preds)}

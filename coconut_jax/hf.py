@@ -223,22 +223,24 @@ def add_latent_rows(config: GPT2Config, params: Params, tok) -> tuple[GPT2Config
 
 # -- reference (PyTorch) checkpoints -------------------------------------------------------
 
-def import_reference_checkpoint(path: str, config: GPT2Config) -> Params:
-    """A `torch.save`d state dict of the reference implementation -> params.
+def import_reference_checkpoint(path: str, config: GPT2Config) -> tuple[Params, str | None]:
+    """A `torch.save`d state dict of the reference implementation -> (params, "coconut" or None).
 
     Keys are plain GPT-2 names (`transformer.h.0...`, `lm_head.weight`) or, for Coconut
-    checkpoints, the same prefixed by `base_causallm.`. The vocabulary size is taken from
-    the checkpoint (50257 for CoT runs, 50260 for Coconut runs).
+    checkpoints, the same prefixed by `base_causallm.` (then the method returned is
+    "coconut"). The vocabulary size is taken from the checkpoint (50257 for CoT runs, 50260
+    for Coconut runs).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
     sd = torch_load(path)
-    if any(k.startswith(REFERENCE_PREFIX) for k in sd):
+    method = "coconut" if any(k.startswith(REFERENCE_PREFIX) for k in sd) else None
+    if method:
         sd = {k[len(REFERENCE_PREFIX):]: v for k, v in sd.items() if k.startswith(REFERENCE_PREFIX)}
     wte = sd.get("transformer.wte.weight", sd.get("wte.weight"))
     if wte is None:
         raise CheckpointError(f"{path}: missing tensor(s): transformer.wte.weight")
-    return state_dict_to_params(sd, dataclasses.replace(config, vocab_size=wte.shape[0]), path)
+    return state_dict_to_params(sd, dataclasses.replace(config, vocab_size=wte.shape[0]), path), method
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -61,3 +61,13 @@ class MetricsSink:
 def read_metrics(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def stage_table(path: str) -> str:
+    """The last evaluation of each stage of a run's metrics file, as a text table."""
+    last = {e["stage"]: e for e in read_metrics(path) if "eval/acc" in e}
+    lines = [f"{'stage':>5} {'thoughts':>8} {'val loss':>9} {'accuracy':>9} {'CoT match':>9} {'new tokens':>10}"]
+    for stage, e in sorted(last.items()):
+        lines.append(f"{stage:>5} {e['eval/thoughts']:>8} {e.get('eval/loss', float('nan')):>9.4f} "
+                     f"{e['eval/acc']:>9.3f} {e['eval/cot_em']:>9.3f} {e['eval/new_tokens']:>10.1f}")
+    return "\n".join(lines)

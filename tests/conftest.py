@@ -5,6 +5,8 @@ import sys
 import jax
 import pytest
 
+from coconut_jax.metrics import read_metrics
+
 jax.config.update("jax_enable_x64", False)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -55,3 +57,29 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     run_cli(root)
     return os.path.join(root, "tiny")
+
+
+def assert_first_epochs_match(ref_dir, got_dir, keys, epochs=2, tol=1e-5):
+    """The run in `got_dir` logged what the reference run logged in its first `epochs`."""
+    ref = [e for e in read_metrics(os.path.join(ref_dir, "metrics.jsonl")) if e["epoch"] <= epochs]
+    got = read_metrics(os.path.join(got_dir, "metrics.jsonl"))
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        for k in keys:
+            if k in a:
+                assert abs(a[k] - b[k]) <= tol, (k, a, b)
+
+
+def stored_params(run_dir):
+    """The params of a run's latest checkpoint, as NumPy."""
+    import numpy as np
+    from coconut_jax import checkpoint
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return jax.tree.map(np.asarray, checkpoint.load_params(ckpt_dir, checkpoint.steps(ckpt_dir)[-1]))
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

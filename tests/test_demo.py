@@ -1,12 +1,15 @@
-"""The README's first command, on a shortened setting: the offline demo runs end to end and learns."""
+"""The README's first command: the offline demo runs end to end and learns, on any device count."""
 import os
 
+import pytest
+
 from coconut_jax.metrics import read_metrics
-from tests.conftest import run_cli
+from tests.conftest import assert_first_epochs_match, free_port, run_cli
 
 # One epoch per stage (CoT, then 1, 2, 3 thoughts) of 188 steps, on the demo's generator with
-# smaller graphs (5-8 nodes) so that answers come out right within a test's budget. Measured:
-# accuracy 0.43 / 0.51 / 0.64 / 0.79 across the stages (100 questions); the full demo runs 4,500 steps.
+# smaller graphs (5-8 nodes) so that answers come out right within a test's budget; the full
+# demo runs 4,500 steps. Measured on two machines with the same packages: accuracy
+# 0.43 / 0.51 / 0.64 / 0.79 and 0.41 / 0.49 / 0.70 / 0.69 across the stages (100 questions).
 SHORT = ("--config.prepare.train=3000", "--config.prepare.valid=100", "--config.prepare.min_nodes=5",
          "--config.prepare.max_nodes=8", "--config.num_epochs=4", "--config.epochs_per_stage=1",
          "--config.print_examples=0")
@@ -23,13 +26,47 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     # Loss down: the last 50 steps well below the first 50; validation loss down across the run.
     assert sum(losses[-50:]) / 50 < 0.5 * sum(losses[:50]) / 50
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
-    # Accuracy up across stages: the last stage answers more questions right than the first,
-    # and no stage does better than the last.
+    # What holds on any CPU: the last stage (3 thoughts, no written step) well above the CoT
+    # stage of this short run and above chance (0.5, two options per question). Both machines
+    # cleared these bounds by 0.09 or more; the order of two close stages is not asserted.
     accs = [e["eval/acc"] for e in evals]
-    assert accs[-1] > accs[0] and accs[-1] == max(accs), accs
-    assert accs[-1] > 0.6, accs  # chance is 0.5: two options per question
+    assert accs[-1] >= accs[0] + 0.15, accs
+    assert accs[-1] >= 0.6, accs
     # The per-stage summary table and the curves.
     assert "thoughts" in r.stdout and "accuracy" in r.stdout
     with open(run / "curves.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.isdir(run / "checkpoints")
+
+
+# The demo's own settings (its 100-question evaluation batch, the wired 128-dim model) on a
+# few records: what a host with 8 devices or two hosts would run.
+SMALL = ("--config.prepare.train=48", "--config.prepare.valid=10", "--config.num_epochs=2",
+         "--config.epochs_per_stage=1", "--config.max_new_tokens=8", "--config.print_examples=0")
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_demo")
+    run_cli(root, *SMALL, config="configs/demo.py")
+    return root / "demo"
+
+
+def test_demo_on_8_devices_equals_one(small_demo, tmp_path):
+    """eval_batch_size=100 is not divisible by 8: evaluation pads with unscored rows."""
+    run_cli(tmp_path, *SMALL, "--config.mesh.data=4", "--config.mesh.fsdp=2", config="configs/demo.py",
+            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert_first_epochs_match(small_demo, tmp_path / "demo", ("train/loss", "eval/loss", "eval/acc"))
+
+
+def test_demo_in_two_processes_equals_one(small_demo, tmp_path):
+    """Two local processes on the CPU distributed runtime (one device each, each feeding its
+    half of every batch) train exactly like one process."""
+    port = free_port()
+    procs = [run_cli(tmp_path, *SMALL, f"--config.coordinator_address=127.0.0.1:{port}", "--config.num_processes=2",
+                     f"--config.process_id={i}", config="configs/demo.py", popen=True, capture=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert_first_epochs_match(small_demo, tmp_path / "demo", ("train/loss", "eval/loss", "eval/acc"))

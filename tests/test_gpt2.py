@@ -155,7 +155,8 @@ def test_reference_checkpoint_import(pair, tmp_path, prefix):
     model, _, ref, _ = pair
     path = str(tmp_path / "checkpoint_3")
     torch.save({prefix + k: v for k, v in ref.state_dict().items()}, path)
-    params = hf.import_reference_checkpoint(path, CFG)
+    params, method = hf.import_reference_checkpoint(path, CFG)
+    assert method == ("coconut" if prefix else None)
     ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     ours = model.logits(params, _ours(model, params, ids, np.ones((1, 8)), np.arange(8)[None]))
     with torch.no_grad():

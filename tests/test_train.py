@@ -1,38 +1,16 @@
 """The training CLI: configs, accumulation, exact resume, sharding, only_eval."""
 import json
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coconut_jax import config as config_lib, data, train
+from coconut_jax import config as config_lib, data, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
-from tests.conftest import run_cli
-
-
-def final_params(run_dir):
-    from coconut_jax.checkpoint import Checkpoints
-    ck = Checkpoints(os.path.join(run_dir, "checkpoints"))
-    step = ck.latest()
-    import orbax.checkpoint as ocp
-    state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    return jax.tree.map(np.asarray, state["params"])
-
-
-def assert_first_epochs_match(ref_dir, got_dir, keys, epochs=2, tol=1e-5):
-    """The run in `got_dir` logged what the reference run logged in its first `epochs`."""
-    ref = [e for e in metrics(os.path.join(ref_dir, "metrics.jsonl")) if e["epoch"] <= epochs]
-    got = metrics(os.path.join(got_dir, "metrics.jsonl"))
-    assert len(ref) == len(got)
-    for a, b in zip(ref, got):
-        for k in keys:
-            if k in a:
-                assert abs(a[k] - b[k]) <= tol, (k, a, b)
+from tests.conftest import ROOT, run_cli
 
 
 def test_training_learns_and_logs(tiny_run):
@@ -47,26 +25,10 @@ def test_training_learns_and_logs(tiny_run):
     assert len(preds) == 8 and set(preds[0]) == {"index", "text", "answer", "gold", "correct", "cot_match", "new_tokens", "thoughts"}
 
 
-def test_resume_after_sigkill_is_exact(tiny_run, tmp_path):
-    ckpts = tmp_path / "tiny" / "checkpoints"
-    proc = run_cli(tmp_path, "--config.checkpoint_every_steps=1", popen=True)
-    deadline = time.time() + 240
-    # Kill once a mid-epoch checkpoint of the second epoch exists (step 6 of 12).
-    while not (ckpts / "6").is_dir():
-        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run_cli(tmp_path, "--config.checkpoint_every_steps=1")
-    a, b = metrics(os.path.join(tiny_run, "metrics.jsonl")), metrics(tmp_path / "tiny" / "metrics.jsonl")
-    strip = lambda m: [{k: v for k, v in e.items() if k != "train/tokens_per_s"} for e in m]
-    assert strip(a) == strip(b)
-    jax.tree.map(np.testing.assert_array_equal, final_params(tiny_run), final_params(tmp_path / "tiny"))
-
-
 def test_only_eval_reproduces_the_final_evaluation(tiny_run, tmp_path):
+    last = max(int(n) for n in os.listdir(os.path.join(tiny_run, "checkpoints")) if n.isdigit())
     run_cli(tmp_path, "--config.only_eval=True", "--config.resume=2",
-            f"--config.load_model_path={tiny_run}/checkpoints",
+            f"--config.load_model_path={tiny_run}/checkpoints/{last}",
             "--config.prepare.kind=", f"--config.val_path={tiny_run}/prepared/prosqa_valid.json",
             f"--config.model_id={tiny_run}/prepared/model")
     final = [e for e in metrics(os.path.join(tiny_run, "metrics.jsonl")) if "eval/acc" in e][-1]
@@ -77,33 +39,9 @@ def test_only_eval_reproduces_the_final_evaluation(tiny_run, tmp_path):
     assert texts(tmp_path / "tiny" / "predictions_epoch3.jsonl") == texts(os.path.join(tiny_run, "predictions_epoch3.jsonl"))
 
 
-def test_sharded_on_8_devices_equals_single_device(tiny_run, tmp_path):
-    run_cli(tmp_path, "--config.num_epochs=2", "--config.mesh.data=4", "--config.mesh.fsdp=2",
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert_first_epochs_match(tiny_run, tmp_path / "tiny", ("train/loss", "eval/loss"))
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_equal_single_process(tiny_run, tmp_path):
-    """Two local processes on the CPU distributed runtime (one device each, each feeding
-    its half of every batch) train exactly like one process."""
-    port = _free_port()
-    procs = [run_cli(tmp_path, "--config.num_epochs=2", f"--config.coordinator_address=127.0.0.1:{port}",
-                     "--config.num_processes=2", f"--config.process_id={i}", popen=True, capture=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert_first_epochs_match(tiny_run, tmp_path / "tiny", ("train/loss", "eval/loss", "eval/acc"))
-
-
 def test_gradient_accumulation_equals_full_batch():
+    """The trainer's accumulation over micro-batches of unequal token counts gives the gradient
+    and loss of the full batch (token-weighted), compared before any optimizer step."""
     cfg = GPT2Config(vocab_size=40, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     model = GPT2Model(cfg)
     params = model.init(0)
@@ -114,22 +52,53 @@ def test_gradient_accumulation_equals_full_batch():
         lab = [data.IGNORE] * (ids.index(38) + 1) + ids[ids.index(38) + 1:]
         seqs.append((ids, lab))
     batch = lambda rows: data.collate([seqs[i] for i in rows], rows, latent_id=39, pad_id=0, batch_size=len(rows), multiple=4)
-    tx = train.make_optimizer(config_lib.base_config())
-    update = jax.jit(lambda p, o, a: train.apply_update(tx, p, o, a))
+    mesh = sharding.make_mesh()
+    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()))
 
-    def step(groups):
-        acc = {"grads": jax.tree.map(jnp.zeros_like, params), "loss": jnp.float32(0), "count": jnp.float32(0)}
+    def mean_grad(groups):
+        acc = state.new_accumulator()
         for rows in groups:
             b = batch(rows)
-            acc = train.accumulate(model, params, acc, b.arrays(), None, prefix_len=b.prefix_len,
+            acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
                                    n_latent=b.n_latent, feedback=True)
-        return update(params, tx.init(params), acc)
+        return steps.mean_gradient(acc)
 
-    p1, _, l1 = step([list(range(8))])
-    p2, _, l2 = step([[0, 1, 2, 3], [4, 5, 6, 7]])
-    assert abs(float(l1) - float(l2)) <= 1e-6
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-6
+    g_full, l_full = mean_grad([list(range(8))])
+    g_acc, l_acc = mean_grad([[0, 1, 2], [3, 4, 5, 6, 7]])
+    # The halves hold different numbers of labelled tokens: a per-micro-batch mean would differ.
+    counts = [sum(t != data.IGNORE for t in batch(r).labels[:, 1:].ravel()) for r in ([0, 1, 2], [3, 4, 5, 6, 7])]
+    assert counts[0] != counts[1]
+    assert abs(float(l_full) - float(l_acc)) <= 1e-6 * abs(float(l_full))
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_acc)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-8)
+    # The scale matters: twice the gradient is not the gradient.
+    assert max(np.abs(np.asarray(a)).max() for a in jax.tree.leaves(g_full)) > 1e-3
+
+
+def test_optimizer_state_is_sharded_like_the_params():
+    """On 8 (fake) devices with fsdp, Adam's moments are placed like their params (never on one
+    device), also after a reset."""
+    code = """
+import jax, numpy as np
+from coconut_jax import config as config_lib, sharding, steps
+from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+model = GPT2Model(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
+mesh = sharding.make_mesh(2, 4, 1)
+state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()))
+state.reset_optimizer()
+mu = state.opt_state[0].mu
+for name in ("wte", ("h", "0", "c_fc", "kernel")):
+    p = state.params[name] if isinstance(name, str) else state.params[name[0]][name[1]][name[2]][name[3]]
+    m = mu[name] if isinstance(name, str) else mu[name[0]][name[1]][name[2]][name[3]]
+    assert m.sharding == p.sharding, (name, m.sharding, p.sharding)
+    assert len(m.sharding.device_set) == 8 and "fsdp" in str(m.sharding.spec), m.sharding
+print("ok")
+"""
+    import subprocess, sys
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
 REFERENCE_PROSQA_YAML = """\
@@ -180,7 +149,7 @@ def test_reference_yaml_parses_into_our_config(tmp_path):
 def test_yaml_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(REFERENCE_PROSQA_YAML.replace("cot: False", "cot: True"))
-    with pytest.raises(config_lib.ConfigError, match="exactly one of coconut/cot"):
+    with pytest.raises(config_lib.ConfigError, match="at most one of coconut/cot/no_thoughts/no_cot"):
         config_lib.from_reference_yaml(str(bad))
     bad.write_text(REFERENCE_PROSQA_YAML + "mystery: 3\n")
     with pytest.raises(config_lib.ConfigError, match="unknown setting 'mystery'"):
@@ -204,13 +173,35 @@ def test_bad_configs(tmp_path, override, message):
         config_lib.validate(c)
 
 
-def test_cli_bad_config_is_one_line_and_nonzero(tmp_path):
-    r = run_cli(tmp_path, "--config.method=latent", check=False)
-    assert r.returncode == 2
-    assert "error: config: method='latent' is not one of" in r.stderr
-    assert "Traceback" not in r.stderr
-    r = run_cli(tmp_path, "--config.no_such_field=1", check=False)
-    assert r.returncode != 0 and "no_such_field" in r.stderr
+@pytest.mark.parametrize("args,message", [
+    (("--config.method=latent",), "error: config: method='latent' is not one of"),
+    (("--config.prepare.n_embdd=64",), "error: config: unknown field --config.prepare.n_embdd; did you mean --config.prepare.n_embd?"),
+    (("--config.lrr=0.1",), "error: config: unknown field --config.lrr; did you mean --config.lr?"),
+    (("--config.lr=fast",), "error: config: flag --config.lr=fast: could not convert string to float"),
+    (("--config.mesh.data=3",), "error: config: mesh data=3 x fsdp=1 x tensor=1 != 1 devices"),
+    (("--config.eval_batch_size=0",), "error: config: eval_batch_size=0 must be >= 1"),
+    (("--config.global_batch_size=6",), "error: config: micro-batch (global_batch_size / gradient_accumulation_steps = 6) is not divisible by the 4"),
+])
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if "global_batch_size=6" in args[0] else None
+    r = run_cli(tmp_path, *args, check=False, env=env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_cli_refuses_a_directory_holding_another_run(tiny_run):
+    """The same --config.name with another method: one line naming --config.name; nothing touched."""
+    before = open(os.path.join(tiny_run, "metrics.jsonl")).read()
+    r = run_cli(os.path.dirname(tiny_run), "--config.method=no_cot", check=False)
+    assert r.returncode == 2 and "holds another run (method: 'coconut' -> 'no_cot')" in r.stderr
+    assert "--config.name (now 'tiny')" in r.stderr and "Traceback" not in r.stderr
+    assert open(os.path.join(tiny_run, "metrics.jsonl")).read() == before
+
+
+def test_distributed_environment_mistake_is_one_line(tmp_path):
+    r = run_cli(tmp_path, check=False, env={"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"})
+    assert r.returncode == 2 and "environment variable JAX_NUM_PROCESSES is not set" in r.stderr
 
 
 def test_wandb_offline_needs_no_account_or_network(tmp_path):

@@ -1,0 +1,203 @@
+"""A run's directory, and where a run's weights come from.
+
+The rules, in the order they apply (SPEC §7 and the reference's `run.py`):
+
+1. **One run per directory.** `{save_path}/{name}/run.json` records what defines the run
+   (method, model, data, curriculum, seed, batch). A run that finds a different one there
+   stops with one line naming `--config.name`; it never appends to or resumes another run.
+2. **Its own checkpoints always win.** A run that finds checkpoints of itself resumes from the
+   latest, whatever `load_model_path` and `resume` say (a preempted chain restarts with the
+   same command). A run with none starts over: what an interrupted start logged is dropped.
+3. **Otherwise weights come from `load_model_path`**: a checkpoint of ours (a `checkpoints`
+   directory, meaning the step `best.json` names, else the latest; or one step), a Hugging
+   Face directory, or a reference PyTorch file. They load first, at their own shapes; then
+   the vocabulary grows and the latent rows are copied from `<<` when the method needs them.
+   A Coconut checkpoint cannot start a method without latent tokens (as in the reference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from coconut_jax import checkpoint
+from coconut_jax.data import LATENT_METHODS
+
+RUN_FILE = "run.json"
+# What makes two training runs the same run; anything else (lr, epochs, logging) may change on
+# a restart. `load_model_path` and `resume` are left out on purpose: rule 2 ignores them.
+TRAIN_FIELDS = ("method", "model_id", "train_path", "val_path", "c_thought", "max_latent_stage",
+                "epochs_per_stage", "pad_latent_to_max", "uniform_prob", "seed", "global_batch_size", "prepare")
+# An evaluation is defined by what it evaluates, on what, at which stage.
+EVAL_FIELDS = ("method", "model_id", "val_path", "c_thought", "max_latent_stage", "pad_latent_to_max",
+               "load_model_path", "resume", "prepare")
+
+
+class RunDirError(ValueError):
+    """A run directory that holds another run, or a weight source that cannot start this run."""
+
+
+def _plain(value):
+    """Config values as JSON would give them back (tuples -> lists, ConfigDicts -> dicts)."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    return json.loads(json.dumps(value))
+
+
+def _path_field(c, field):
+    value = c[field]
+    return os.path.abspath(value) if field.endswith("_path") and value not in ("", "None") else value
+
+
+def identity(c) -> dict:
+    """What defines the run configured by `c` (see TRAIN_FIELDS / EVAL_FIELDS)."""
+    fields = EVAL_FIELDS if c.only_eval else TRAIN_FIELDS
+    return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `path` through a temporary sibling and a rename: readers see the old or the new file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def claim(run_dir: str, c, write: bool) -> None:
+    """Makes `run_dir` this run's directory, or refuses if it holds another run.
+
+    A directory with run outputs but no `run.json` (written by something else) is refused too.
+    `write` is true on the one process that writes the file.
+    """
+    ident = identity(c)
+    path = os.path.join(run_dir, RUN_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError:
+                raise RunDirError(f"{path}: unreadable run record; remove it or choose a new --config.name")
+        diff = differences(old, ident)
+        if diff:
+            raise RunDirError(f"{run_dir} holds another run ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
+                              f"choose a new --config.name (now {c.name!r}) or remove the directory")
+        return
+    if os.path.isdir(run_dir) and {"metrics.jsonl", "checkpoints"} & set(os.listdir(run_dir)):
+        raise RunDirError(f"{run_dir} holds run outputs without a {RUN_FILE}; choose a new --config.name "
+                          f"(now {c.name!r}) or remove the directory")
+    if write:
+        os.makedirs(run_dir, exist_ok=True)
+        write_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+
+
+# -- where the weights come from ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a run's weights come from.
+
+    kind: "resume" (own checkpoint: weights, optimizer and loop position), "ours" (weights of
+    another run's checkpoint), "hf" (a Hugging Face directory), "reference" (a PyTorch file of
+    the reference implementation) or "model" (`model_id` alone).
+    """
+    kind: str
+    path: str = ""
+    step: int | None = None
+    why: str = ""  # how the step was chosen
+
+    def describe(self) -> str:
+        where = f"{self.path}/{self.step}" if self.step is not None else self.path
+        return f"{where} ({self.why})" if self.why else where
+
+
+def own_checkpoint(ckpt: checkpoint.Checkpoints | None, only_eval: bool) -> int | None:
+    """The step a run resumes from (rule 2): the latest of its own, if any."""
+    if ckpt is None or only_eval:
+        return None
+    return ckpt.latest()
+
+
+def weight_source(load_model_path: str) -> Source:
+    """Resolves `load_model_path` (rule 3); "None" or "" means the model of `model_id`."""
+    path = load_model_path
+    if path in ("", "None"):
+        return Source("model")
+    if os.path.isfile(path):
+        return Source("reference", path)
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return Source("hf", path)
+    if checkpoint.is_checkpoint_dir(path):
+        ckpt_dir, step = checkpoint.split_checkpoint_path(path)
+        if step is not None:
+            return Source("ours", ckpt_dir, step, "the step named")
+        step = checkpoint.best_step(ckpt_dir)
+        if step is not None:
+            return Source("ours", ckpt_dir, step, f"best by accuracy, {checkpoint.BEST_FILE}")
+        steps = checkpoint.steps(ckpt_dir)
+        if not steps:
+            raise RunDirError(f"load_model_path={path!r}: no checkpoint in this directory")
+        return Source("ours", ckpt_dir, steps[-1], f"latest; no {checkpoint.BEST_FILE}")
+    raise RunDirError(f"load_model_path={path!r}: not a checkpoint of ours, a Hugging Face directory or a "
+                      f"PyTorch file")
+
+
+def check_method(source_method: str | None, method: str, where: str) -> None:
+    """The reference refuses to load Coconut weights into a model without latent tokens."""
+    if source_method in LATENT_METHODS and method not in LATENT_METHODS:
+        raise RunDirError(f"{where}: a {source_method} checkpoint (with latent tokens) cannot be loaded into "
+                          f"method {method!r}")
+
+
+def _flat_shapes(tree: dict, prefix: str = "") -> dict[str, tuple]:
+    """{"h/0/c_fc/kernel": shape} of a nested dict of shapes or arrays."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_shapes(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = tuple(getattr(v, "shape", v))
+    return out
+
+
+def shape_differences(stored: dict, expected: dict) -> list[str]:
+    a, b = _flat_shapes(stored), _flat_shapes(expected)
+    return [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def load_weights(source: Source, model_id: str, method: str, tok):
+    """(model config, host params) a run starts from, at the shapes the method needs (rule 3).
+
+    For `resume` only the shapes matter (the run's own checkpoint is restored onto them): the
+    params returned are None."""
+    from coconut_jax import hf
+    from coconut_jax.models.gpt2 import GPT2Model
+    config = hf.load_config(hf.resolve_model_dir(model_id))
+    if source.kind == "resume":
+        config = dataclasses.replace(config, vocab_size=checkpoint.param_shapes(source.path, source.step)["wte"][0])
+        return config, None
+    if source.kind == "model":
+        config, params = hf.load_pretrained(model_id)
+    elif source.kind == "hf":
+        config, params = hf.load_pretrained(source.path)
+    elif source.kind == "reference":
+        params, source_method = hf.import_reference_checkpoint(source.path, config)
+        check_method(source_method, method, f"load_model_path={source.path}")
+    else:
+        where = f"load_model_path={source.describe()}"
+        check_method(checkpoint.read_meta(source.path, source.step).get("method"), method, where)
+        stored = checkpoint.param_shapes(source.path, source.step)
+        expected = GPT2Model(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
+        diff = shape_differences(stored, expected)
+        if diff:
+            raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "
+                              f"({len(diff)} tensor(s) differ: {'; '.join(diff[:3])})")
+        params = checkpoint.load_params(source.path, source.step)
+    config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
+    if method in LATENT_METHODS:
+        config, params = hf.add_latent_rows(config, params, tok)
+    return config, params
+

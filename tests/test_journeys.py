@@ -1,0 +1,250 @@
+"""The runs users chain, through the real config files, with only paths and sizes overridden.
+
+gsm_cot -> gsm -> gsm_eval (and the Coconut run killed twice and restarted), prosqa on 8 devices
+-> prosqa_eval on one, prontoqa in two processes -> prontoqa_eval in one, a reference YAML, and
+`only_eval` of every method. A tiny GPT-2 and a few dozen generated records keep each run short.
+"""
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from coconut_jax.metrics import read_metrics
+from data_prep.common import write_json
+from tests.conftest import ROOT, free_port, run_cli, stored_params
+
+SIZES = ("--config.global_batch_size=8", "--config.eval_batch_size=6", "--config.max_new_tokens=8",
+         "--config.print_examples=0", "--config.checkpoint_every_steps=0")
+
+
+def gsm_records(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a, b, c = (int(x) for x in rng.integers(1, 20, 3))
+        out.append({"question": f"Tom has {a} apples and buys {b} more, then gives {c} away. How many are left?",
+                    "steps": [f"<<{a}+{b}={a + b}>>", f"<<{a + b}-{c}={a + b - c}>>"], "answer": str(a + b - c)})
+    return out
+
+
+def prontoqa_records(n, seed):
+    rng = np.random.default_rng(seed)
+    words = ["wumpus", "yumpus", "zumpus", "dumpus", "rompus", "numpus", "tumpus", "vumpus", "impus", "jompus"]
+    out = []
+    for _ in range(n):
+        a, b, c, d = (words[i] for i in rng.permutation(len(words))[:4])
+        name = ["Alex", "Sam", "Max", "Rex"][int(rng.integers(4))]
+        true = bool(rng.integers(2))
+        target = c if true else d
+        out.append({"question": f"Every {a} is a {b}. Every {b} is a {c}. {name} is a {a}. True or false: {name} is a {target}.",
+                    "steps": [f"{name} is a {a}. Every {a} is a {b}.", f"{name} is a {b}. Every {b} is a {c}."],
+                    "answer": "True" if true else "False"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """data/ of every published task (tiny) and one tiny GPT-2 whose tokenizer covers them."""
+    from coconut_jax import tiny
+    from data_prep import prosqa_generator
+    root = tmp_path_factory.mktemp("world")
+    g = prosqa_generator.GraphConfig(min_nodes=5, max_nodes=7, n_concepts=20, steps_distribution=((2, 1.0),))
+    sets = {"gsm": (gsm_records(40, 0), gsm_records(6, 1), gsm_records(6, 2)),
+            "prosqa": tuple(prosqa_generator.generate(n, seed=s, g=g) for n, s in ((32, 0), (6, 1), (6, 2))),
+            "prontoqa": (prontoqa_records(32, 0), prontoqa_records(6, 1), prontoqa_records(6, 2))}
+    paths = {}
+    for task, splits in sets.items():
+        for split, records in zip(("train", "valid", "test"), splits):
+            paths[f"{task}_{split}"] = str(root / "data" / f"{task}_{split}.json")
+            write_json(records, paths[f"{task}_{split}"])
+    texts = [t for splits in sets.values() for t in tiny.record_texts(splits[0])]
+    paths["model"] = tiny.build(texts, str(root / "model"), vocab_size=500, n_layer=1, n_embd=32, n_head=2,
+                                n_positions=512, seed=0)
+    return paths
+
+
+def data_paths(world, task, train="train", valid="valid"):
+    return (f"--config.train_path={world[f'{task}_{train}']}", f"--config.val_path={world[f'{task}_{valid}']}",
+            f"--config.model_id={world['model']}")
+
+
+def evals(run_dir):
+    return [e for e in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "eval/acc" in e]
+
+
+def without_speed(events):
+    return [{k: v for k, v in e.items() if k != "train/tokens_per_s"} for e in events]
+
+
+# -- GSM8K: CoT -> Coconut from its best checkpoint -> test-set evaluation --------------------------
+
+GSM_COT = ("--config.num_epochs=2",)
+GSM_COCONUT = ("--config.num_epochs=5",)  # resume=3 (the config): epochs 4-5, stage 1
+
+
+@pytest.fixture(scope="session")
+def gsm_chain(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gsm_chain")
+    cot = run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COT, config="configs/gsm_cot.py")
+    coconut = run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COCONUT,
+                      f"--config.load_model_path={root}/gsm-cot/checkpoints", config="configs/gsm.py")
+    ev = run_cli(root, *data_paths(world, "gsm", valid="test"), *SIZES,
+                 f"--config.load_model_path={root}/gsm-coconut/checkpoints", config="configs/gsm_eval.py")
+    return root, cot, coconut, ev
+
+
+def test_gsm_cot_then_coconut_then_eval(gsm_chain):
+    root, _, coconut, ev = gsm_chain
+    with open(root / "gsm-cot" / "checkpoints" / "best.json") as f:
+        best = json.load(f)["step"]
+    # The Coconut run starts from the CoT run's best step (best.json), says so, and grows the vocabulary.
+    assert f"weights from {root}/gsm-cot/checkpoints/{best} (best by accuracy" in coconut.stdout
+    cot_evals, coconut_evals = evals(root / "gsm-cot"), evals(root / "gsm-coconut")
+    assert [e["stage"] for e in cot_evals] == [0, 0]
+    assert [(e["epoch"], e["stage"], e["eval/thoughts"]) for e in coconut_evals] == [(4, 1, 2.0), (5, 1, 2.0)]
+    # The evaluation reads the Coconut run's best step and evaluates at stage 25 // 3 -> 3 steps x 2 thoughts.
+    assert f"{root}/gsm-coconut/checkpoints/" in ev.stdout
+    (final,) = evals(root / "gsm-coconut-eval")
+    assert final["stage"] == 8 and final["eval/thoughts"] == 6.0
+    preds = [json.loads(line) for line in open(root / "gsm-coconut-eval" / "predictions_epoch26.jsonl")]
+    assert len(preds) == 6 and all(p["text"].count("<|latent|>") == 6 for p in preds)
+
+
+def _wait_for(proc, ready, what, timeout=300):
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_coconut_run_killed_twice_resumes_exactly(gsm_chain, world, tmp_path):
+    """SIGKILL right after the CoT weights are loaded (before any checkpoint of its own), then
+    after a mid-epoch checkpoint; each restart is the same command. The result is the
+    uninterrupted chain's: same metrics.jsonl, bit-identical final params."""
+    root = gsm_chain[0]
+    args = (*data_paths(world, "gsm"), *SIZES, *GSM_COCONUT, f"--config.load_model_path={root}/gsm-cot/checkpoints",
+            "--config.checkpoint_every_steps=1")
+    run = tmp_path / "gsm-coconut"
+    proc = run_cli(tmp_path, *args, config="configs/gsm.py", popen=True, capture=True)
+    for line in proc.stdout:
+        if line.startswith("weights from"):
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints").is_dir() or not [n for n in os.listdir(run / "checkpoints") if n.isdigit()]
+    proc = run_cli(tmp_path, *args, config="configs/gsm.py", popen=True)
+    _wait_for(proc, lambda: (run / "checkpoints" / "7").is_dir(), "a mid-epoch checkpoint of the second epoch")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_cli(tmp_path, *args, config="configs/gsm.py")
+    assert "resumed from" in r.stdout
+    ref = read_metrics(root / "gsm-coconut" / "metrics.jsonl")
+    assert without_speed(read_metrics(run / "metrics.jsonl")) == without_speed(ref)
+    jax.tree.map(np.testing.assert_array_equal, stored_params(root / "gsm-coconut"), stored_params(run))
+
+
+# -- ProsQA on 8 devices -> its evaluation on one ----------------------------------------------------
+
+def test_prosqa_on_8_devices_then_eval_on_one(world, tmp_path):
+    """Trained with data x fsdp = 4 x 2 and an evaluation batch (6) that 8 does not divide;
+    evaluated in another process on one device: the same accuracy and loss."""
+    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    run_cli(tmp_path, *data_paths(world, "prosqa"), *SIZES, "--config.num_epochs=2", "--config.epochs_per_stage=1",
+            "--config.mesh.data=4", "--config.mesh.fsdp=2", env=eight, config="configs/prosqa.py")
+    last = evals(tmp_path / "prosqa-coconut")[-1]
+    step = max(int(n) for n in os.listdir(tmp_path / "prosqa-coconut" / "checkpoints") if n.isdigit())
+    run_cli(tmp_path, *data_paths(world, "prosqa"), *SIZES, "--config.epochs_per_stage=1", "--config.resume=1",
+            f"--config.load_model_path={tmp_path}/prosqa-coconut/checkpoints/{step}", config="configs/prosqa_eval.py")
+    (again,) = evals(tmp_path / "prosqa-coconut-eval")
+    assert last["stage"] == again["stage"] == 1
+    for k in ("eval/acc", "eval/loss", "eval/thoughts"):
+        assert again[k] == pytest.approx(last[k], abs=1e-5), k
+
+
+# -- ProntoQA in two processes -> its evaluation in one ---------------------------------------------
+
+def test_prontoqa_in_two_processes_then_eval_in_one(world, tmp_path):
+    port = free_port()
+    procs = [run_cli(tmp_path, *data_paths(world, "prontoqa"), *SIZES, "--config.num_epochs=2",
+                     "--config.epochs_per_stage=1", f"--config.coordinator_address=127.0.0.1:{port}",
+                     "--config.num_processes=2", f"--config.process_id={i}", config="configs/prontoqa.py",
+                     popen=True, capture=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    last = evals(tmp_path / "prontoqa-coconut")[-1]
+    run_cli(tmp_path, *data_paths(world, "prontoqa"), *SIZES, "--config.epochs_per_stage=1", "--config.resume=1",
+            f"--config.load_model_path={tmp_path}/prontoqa-coconut/checkpoints", config="configs/prontoqa_eval.py")
+    (again,) = evals(tmp_path / "prontoqa-coconut-eval")
+    best = json.load(open(tmp_path / "prontoqa-coconut" / "checkpoints" / "best.json"))
+    ref = [e for e in evals(tmp_path / "prontoqa-coconut") if e["step"] == best["step"]][0]
+    assert again["eval/acc"] == pytest.approx(ref["eval/acc"], abs=1e-6)
+    assert again["stage"] == 1 and last["stage"] == 1
+
+
+# -- a reference YAML, unchanged but for paths and sizes ---------------------------------------------
+
+REFERENCE_PAUSE_YAML = """\
+project: coconut
+save_path: {save_path}
+name: prosqa-pause
+only_eval: False
+coconut: False
+cot: False
+no_thoughts: False
+no_cot: False
+c_thought: 1
+epochs_per_stage: 1
+max_latent_stage: 6
+pad_latent_to_max: True
+save_only_improve: False
+uniform_prob: 0.0
+model_id: {model}
+load_model_path: None
+seed: 0
+resume: 0
+bf16: False
+train_path: {train}
+val_path: {valid}
+reset_optimizer: True
+batch_size_training: 2
+debug: False
+gradient_accumulation_steps: 1
+num_epochs: 2
+lr: !!float "1e-4"
+weight_decay: 0.01
+"""
+
+
+def test_reference_yaml_with_every_method_flag_false_runs_as_pause_as_thought(world, tmp_path):
+    """The reference runs a YAML whose four method flags are all false: latent tokens and markers,
+    no feedback (pause as thought)."""
+    path = tmp_path / "prosqa_pause.yaml"
+    path.write_text(REFERENCE_PAUSE_YAML.format(save_path=tmp_path, model=world["model"], train=world["prosqa_train"],
+                                                valid=world["prosqa_valid"]))
+    run_cli(tmp_path, "--config.max_new_tokens=8", config=f"configs/yaml.py:{path}")
+    assert json.load(open(tmp_path / "prosqa-pause" / "run.json"))["method"] == "pause_as_thought"
+    assert [(e["stage"], e["eval/thoughts"]) for e in evals(tmp_path / "prosqa-pause")] == [(0, 0.0), (1, 1.0)]
+
+
+# -- only_eval of every method ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought"])
+def test_only_eval_of_every_method(world, tmp_path, method):
+    """`only_eval` from a Hugging Face directory, in-process, at the stage `resume` implies."""
+    from coconut_jax import config as config_lib
+    from coconut_jax.train import Trainer
+    c = config_lib.load_config_file(os.path.join(ROOT, "configs", "prosqa_eval.py"))
+    c.update(dict(method=method, save_path=str(tmp_path), cache_dir=str(tmp_path / "cache"), resume=2,
+                  epochs_per_stage=1, model_id=world["model"], load_model_path=world["model"],
+                  val_path=world["prosqa_valid"], max_new_tokens=8, eval_batch_size=6, print_examples=0))
+    result = Trainer(c).run()
+    thoughts = {"coconut": 2.0, "pause_as_thought": 2.0}.get(method, 0.0)
+    assert result["stage"] == (2 if method not in ("cot", "no_cot") else 0)
+    assert result["eval/thoughts"] == thoughts and np.isfinite(result["eval/loss"])
+    assert len(open(tmp_path / "prosqa-coconut-eval" / "predictions_epoch3.jsonl").readlines()) == 6

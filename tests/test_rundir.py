@@ -1,0 +1,146 @@
+"""The run-directory rules: one run per directory, where a run's weights come from, the hand-off."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from coconut_jax import checkpoint, config as config_lib, hf, rundir, sharding, steps
+from coconut_jax.models.gpt2 import GPT2Model
+
+
+def _config(tmp_path, **kw):
+    c = config_lib.base_config()
+    c.name, c.save_path = "r", str(tmp_path)
+    c.train_path, c.val_path = "data/t.json", "data/v.json"
+    c.update(kw)
+    return c
+
+
+def test_claim_writes_the_run_record_and_accepts_the_same_run(tmp_path):
+    run_dir = str(tmp_path / "r")
+    rundir.claim(run_dir, _config(tmp_path), write=True)
+    with open(os.path.join(run_dir, rundir.RUN_FILE)) as f:
+        assert json.load(f)["method"] == "coconut"
+    # What may change on a restart: lr, epochs, load_model_path, resume (its own checkpoints win).
+    rundir.claim(run_dir, _config(tmp_path, lr=3e-4, num_epochs=7, load_model_path="x", resume=3), write=True)
+
+
+@pytest.mark.parametrize("change,named", [
+    (dict(method="no_cot"), "method: 'coconut' -> 'no_cot'"),
+    (dict(c_thought=2), "c_thought: 1 -> 2"),
+    (dict(train_path="data/other.json"), "train_path"),
+    (dict(only_eval=True, load_model_path="x"), "only_eval: False -> True"),
+])
+def test_claim_refuses_another_run_naming_the_config_name(tmp_path, change, named):
+    run_dir = str(tmp_path / "r")
+    rundir.claim(run_dir, _config(tmp_path), write=True)
+    with pytest.raises(rundir.RunDirError) as e:
+        rundir.claim(run_dir, _config(tmp_path, **change), write=True)
+    msg = str(e.value)
+    assert named in msg and "--config.name (now 'r')" in msg and "\n" not in msg
+
+
+def test_claim_refuses_outputs_without_a_run_record(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(rundir.RunDirError, match="without a run.json"):
+        rundir.claim(str(run_dir), _config(tmp_path), write=True)
+
+
+def test_write_atomic_leaves_no_temporary_file(tmp_path):
+    path = str(tmp_path / "f.json")
+    rundir.write_atomic(path, "one")
+    rundir.write_atomic(path, "two")
+    assert open(path).read() == "two" and os.listdir(tmp_path) == ["f.json"]
+
+
+# -- weight sources -----------------------------------------------------------------------------
+
+def _save(ckpt_dir, model, params, step, method, best=None):
+    mesh = sharding.make_mesh()
+    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()))
+    ck = checkpoint.Checkpoints(ckpt_dir)
+    ck.save(step, state.params, state.opt_state, {"step": step, "method": method, "end_of_epoch": True})
+    if best is not None:
+        ck.mark_best(best, 0.5)
+    ck.close()
+
+
+@pytest.fixture(scope="module")
+def cot_checkpoints(tiny_dir, tmp_path_factory):
+    """Two steps of a `cot` run of the tiny model (vocabulary without latent rows), step 2 the best."""
+    config, params = hf.load_pretrained(tiny_dir)
+    model = GPT2Model(config)
+    d = str(tmp_path_factory.mktemp("cot") / "checkpoints")
+    bumped = jax.tree.map(lambda x: x + 1.0, params)
+    _save(d, model, params, 2, "cot")
+    _save(d, model, bumped, 5, "cot", best=2)
+    return d, params, bumped
+
+
+def test_weight_source_kinds(tiny_dir, cot_checkpoints, tmp_path):
+    d, _, _ = cot_checkpoints
+    assert rundir.weight_source("None").kind == "model"
+    assert rundir.weight_source(tiny_dir).kind == "hf"
+    best = rundir.weight_source(d)
+    assert (best.kind, best.step) == ("ours", 2) and "best.json" in best.describe()
+    named = rundir.weight_source(os.path.join(d, "5"))
+    assert (named.kind, named.step, named.path) == ("ours", 5, d)
+    f = tmp_path / "checkpoint_3"
+    f.write_bytes(b"x")
+    assert rundir.weight_source(str(f)).kind == "reference"
+    with pytest.raises(rundir.RunDirError, match="not a checkpoint of ours"):
+        rundir.weight_source(str(tmp_path))
+
+
+def test_latest_step_without_best_json(tiny_dir, tmp_path):
+    config, params = hf.load_pretrained(tiny_dir)
+    d = str(tmp_path / "checkpoints")
+    _save(d, GPT2Model(config), params, 3, "cot")
+    _save(d, GPT2Model(config), params, 7, "cot")
+    src = rundir.weight_source(d)
+    assert src.step == 7 and "latest" in src.describe()
+
+
+def test_hand_off_loads_first_then_grows_the_vocabulary(tiny_dir, cot_checkpoints):
+    """A CoT checkpoint into Coconut: its own weights, then three new rows copied from `<<`."""
+    d, params, _ = cot_checkpoints
+    tok = hf.load_tokenizer(tiny_dir)
+    config, got = rundir.load_weights(rundir.weight_source(d), tiny_dir, "coconut", tok)
+    n_old = params["wte"].shape[0]
+    assert config.vocab_size == len(tok) == n_old + 3
+    np.testing.assert_array_equal(got["wte"][:n_old], params["wte"])
+    src = tok.convert_tokens_to_ids(hf.LATENT_INIT_TOKEN)
+    for t in (hf.START_LATENT, hf.END_LATENT, hf.LATENT):
+        np.testing.assert_array_equal(got["wte"][tok.convert_tokens_to_ids(t)], params["wte"][src])
+    np.testing.assert_array_equal(got["h"]["0"]["c_fc"]["kernel"], params["h"]["0"]["c_fc"]["kernel"])
+    # A method without latent tokens keeps the vocabulary as it was.
+    config, got = rundir.load_weights(rundir.weight_source(d), tiny_dir, "no_cot", tok)
+    assert config.vocab_size == n_old and got["wte"].shape[0] == n_old
+
+
+def test_coconut_checkpoint_cannot_start_a_method_without_latent_tokens(tiny_dir, cot_checkpoints, tmp_path):
+    d, _, _ = cot_checkpoints
+    tok = hf.load_tokenizer(tiny_dir)
+    config, params = rundir.load_weights(rundir.weight_source(d), tiny_dir, "coconut", tok)
+    coconut_dir = str(tmp_path / "checkpoints")
+    _save(coconut_dir, GPT2Model(config), params, 4, "coconut")
+    with pytest.raises(rundir.RunDirError, match="a coconut checkpoint .* cannot be loaded into method 'cot'"):
+        rundir.load_weights(rundir.weight_source(coconut_dir), tiny_dir, "cot", tok)
+    # Between latent methods it is allowed, at the shapes stored.
+    config, got = rundir.load_weights(rundir.weight_source(coconut_dir), tiny_dir, "pause_as_thought", tok)
+    np.testing.assert_array_equal(got["wte"], params["wte"])
+
+
+def test_checkpoint_of_another_model_is_one_line(tmp_path, cot_checkpoints):
+    from coconut_jax import tiny
+    from tests.conftest import SAMPLE_RECORDS
+    other = tiny.build(tiny.record_texts(SAMPLE_RECORDS) * 20, str(tmp_path / "other"), vocab_size=400,
+                       n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    d, _, _ = cot_checkpoints
+    with pytest.raises(rundir.RunDirError) as e:
+        rundir.load_weights(rundir.weight_source(d), other, "coconut", hf.load_tokenizer(other))
+    assert "do not fit model_id" in str(e.value) and "\n" not in str(e.value)
