@@ -20,8 +20,12 @@ def pyplot():
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> str:
+    """Saves through a temporary sibling and a rename, so a reader never sees half a PNG."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.{os.getpid()}.tmp{ext}"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
     pyplot().close(fig)
     return path
 

@@ -62,7 +62,8 @@ class Trainer:
         else:
             self.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
             self._print(f"weights from {source.describe() or c.model_id}")
-        self._stop = False
+        self._signalled = False  # this process got SIGTERM
+        self.stopped = False     # every process agreed to stop (and saved)
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     @property
@@ -89,14 +90,15 @@ class Trainer:
             self.ckpt.drop_mid_epoch(self.step)
 
     def _on_sigterm(self, *_):
-        self._stop = True
+        self._signalled = True
 
     def _stop_agreed(self) -> bool:
-        """Whether any host was asked to stop: every host then saves the same step and exits."""
+        """Whether any host got SIGTERM: then every host saves the same step and exits. Asked
+        after every step, so no host leaves the loop while another waits in a collective."""
         if jax.process_count() == 1:
-            return self._stop
+            return self._signalled
         from jax.experimental import multihost_utils
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self._stop))))
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self._signalled))))
 
     def _wandb(self):
         if self.c.wandb_mode == "disabled" or self.c.debug or not (self.main and self.writes):
@@ -129,13 +131,13 @@ class Trainer:
         if c.only_eval:
             return self.evaluate(self.cur.stage(c.resume), eval_loss=True)
         result = {}
-        while self.epoch < c.num_epochs and not self._stop:
+        while self.epoch < c.num_epochs and not self.stopped:
             result = self.train_epoch()
         if self.ckpt is not None:
             self.ckpt.close()
         if self.sink.wandb_run is not None:
             self.sink.wandb_run.finish()
-        if self.main and not self._stop:
+        if self.main and not self.stopped:
             from coconut_jax.plot import plot_metrics
             path = os.path.join(self.run_dir, "metrics.jsonl")
             print("\n" + stage_table(path) + f"\ncurves: {plot_metrics(path)}")
@@ -172,7 +174,7 @@ class Trainer:
                         and self.batch_in_epoch < len(plan)):
                 self._save(end_of_epoch=False)
                 if stop:
-                    self._stop = True
+                    self.stopped = True
                     self._print(f"SIGTERM: saved step {self.step}, exiting")
                     return {}
         result = self.evaluate(stage, eval_loss=True)
