@@ -37,11 +37,22 @@ def shared_file(name):
     return path
 
 
+# The CLI runs of the suite share one persistent XLA compilation cache: restarts, chained runs and
+# the same tiny shapes in several tests compile once. A cached program is the program, so every
+# comparison (resume == uninterrupted, 8 devices == 1) is unchanged.
+XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _xla_cache(tmp_path_factory):
+    XLA_CACHE["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+
+
 def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py"):
     """`python -m coconut_jax.train` on a config of the repository, in a subprocess."""
     cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, config),
            f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {})}
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)

@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
 
 # The demo's own settings (its 100-question evaluation batch, the wired 128-dim model) on a
 # few records: what a host with 8 devices or two hosts would run.
-SMALL = ("--config.prepare.train=48", "--config.prepare.valid=10", "--config.num_epochs=2",
+SMALL = ("--config.prepare.train=32", "--config.prepare.valid=10", "--config.num_epochs=2",
          "--config.epochs_per_stage=1", "--config.max_new_tokens=8", "--config.print_examples=0")
 
 

@@ -144,3 +144,17 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path, cot_checkpoints):
     with pytest.raises(rundir.RunDirError) as e:
         rundir.load_weights(rundir.weight_source(d), other, "coconut", hf.load_tokenizer(other))
     assert "do not fit model_id" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_prepared_demo_data_is_rebuilt_when_its_settings_change(tmp_path):
+    from coconut_jax import prepare
+    c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    c.prepare.train, c.prepare.valid = 8, 3
+    prepare.prepare_synthetic(c, str(tmp_path))
+    first = os.path.getmtime(c.model_id)
+    prepare.prepare_synthetic(c, str(tmp_path))  # same settings: reused
+    assert os.path.getmtime(c.model_id) == first
+    c.prepare.valid = 5
+    prepare.prepare_synthetic(c, str(tmp_path))
+    assert len(json.load(open(c.val_path))) == 5
+
