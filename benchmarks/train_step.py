@@ -1,14 +1,25 @@
-"""Train-step cost of the latent forward versus a plain LM step on the same batch shape.
+"""The compiled training step: compile time, XLA's temporary memory, and time per step, for
+the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
-    python benchmarks/train_step.py [--shapes tiny|gpt2|both] [--repeats 3]
+    python benchmarks/train_step.py [--shapes tiny|gpt2] [--batch B --length T] [--bf16]
+                                    [--time] [--repeats 5] [--modes before,after,after_remat]
 
-Prints one JSON object: per shape, seconds per step (loss + grad + AdamW) for a plain LM
-pass and for Coconut at 0/3/6 thoughts, the slow full-recompute reference at 6 thoughts,
-and their ratios to the plain step (all measured in the same run).
+Modes (one GPT-2, the same computation):
+  before       layers a Python loop, per-segment attention, the loss over full f32 logits
+  after        layers one lax.scan, jax.nn.dot_product_attention where no attention dropout
+               applies, the loss 128 positions at a time (no [B,T,V] logits)
+  after_remat  `after` with every layer rematerialised in the backward pass ("full")
+Each step is loss + gradient + AdamW on one batch (dropout on, as in training, unless
+--no-dropout: attention dropout keeps the per-segment attention, so --no-dropout shows the
+fused kernel). Compilation uses abstract params, so GPT-2-small shapes compile on a small
+machine; `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
+and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
+Prints one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -21,85 +32,128 @@ from coconut_jax import coconut, data
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 SHAPES = {
-    "tiny": dict(config=GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4), batch=8, length=256),
-    "gpt2": dict(config=GPT2Config(vocab_size=50260), batch=8, length=256),
+    "tiny": dict(config=GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4), batch=8,
+                 length=256),
+    "gpt2": dict(config=GPT2Config(vocab_size=50260), batch=32, length=512),
 }
+MODES = {
+    "before": dict(model=dict(scan_layers=False, fused_attention=False), loss_chunk=0),
+    "after": dict(model=dict(scan_layers=True, fused_attention=True), loss_chunk=128),
+    "after_remat": dict(model=dict(scan_layers=True, fused_attention=True, remat="full"), loss_chunk=128),
+}
+# Dense bf16 peak FLOP/s by device kind (vendor figures), for model FLOP utilisation.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
+             "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-def make_batch(batch, length, n_thoughts, vocab, latent_id):
-    """Rows with ~ProsQA layout: question, markers + latents at an aligned position, steps/answer."""
+def make_batch(batch, length, n_thoughts, vocab):
+    """Rows with a ProsQA-like layout: question, markers + latents aligned, steps and answer."""
+    start, end, latent = vocab - 3, vocab - 2, vocab - 1
     rng = np.random.default_rng(0)
     seqs = []
     for r in range(batch):
-        q = rng.integers(1, vocab - 3, size=length // 2 - 8 - r).tolist()
-        tail = rng.integers(1, vocab - 3, size=length - len(q) - n_thoughts - 2 - 4).tolist()
-        ids = q + [vocab - 3] + [latent_id] * n_thoughts + [vocab - 2] + tail
-        seqs.append((ids, [data.IGNORE] * (len(q) + n_thoughts + 2) + tail))
-    return data.collate(seqs, list(range(batch)), latent_id=latent_id, pad_id=0, batch_size=batch, multiple=32)
+        q = rng.integers(1, vocab - 3, size=length // 2 - 8 - r % 8).tolist()
+        head = q + ([start] + [latent] * n_thoughts + [end] if n_thoughts else [])
+        tail = rng.integers(1, vocab - 3, size=length - len(head) - 4).tolist()
+        seqs.append((head + tail, [data.IGNORE] * len(head) + tail))
+    return data.collate(seqs, list(range(batch)), latent_id=latent, pad_id=0, batch_size=batch, multiple=32)
 
 
-def timed(fn, repeats):
-    fn()  # compile
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def step_fn(model, tx, b, loss_chunk, feedback):
+    def loss(p, arrays, key):
+        s, n = coconut.loss_terms(model, p, arrays, b.prefix_len, b.n_latent, feedback=feedback, dropout_key=key,
+                                  loss_chunk=loss_chunk)
+        return s / n
+
+    def step(p, o, arrays, key):
+        value, g = jax.value_and_grad(loss)(p, arrays, key)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, value
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_shape(name, spec, repeats, reference=True):
-    cfg = spec["config"]
-    model = GPT2Model(cfg)
-    params = model.init(0)
-    tx = optax.adamw(1e-4, weight_decay=0.01)
-    opt = tx.init(params)
-    latent_id = cfg.vocab_size - 1
+def model_flops(cfg: GPT2Config, tokens: int, length: int) -> float:
+    """6 x (non-embedding + tied head) params x tokens + the attention matmuls (PaLM's count)."""
+    n = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
+    return 6.0 * n * tokens + 12.0 * cfg.n_layer * cfg.n_embd * length * tokens
 
-    def step_fn(loss_terms_of):
-        def loss(q, arrays):
-            s, n = loss_terms_of(q, arrays)
-            return s / n
 
-        @jax.jit
-        def step(p, o, arrays):
-            value, g = jax.value_and_grad(loss)(p, arrays)
-            u, o = tx.update(g, o, p)
-            return optax.apply_updates(p, u), o, value
-        return step
-
-    out = {}
-    for n in (0, 3, 6):
-        b = make_batch(spec["batch"], spec["length"], n, cfg.vocab_size, latent_id)
-        arrays = {k: jnp.asarray(v) for k, v in b.arrays().items()}
-        fast = step_fn(lambda q, a, b=b: coconut.loss_terms(model, q, a, b.prefix_len, b.n_latent))
-        plain = step_fn(lambda q, a, b=b: coconut.loss_terms(model, q, a, b.prefix_len, b.n_latent, feedback=False))
-        out[f"plain_lm_s@{n}"] = timed(lambda: plain(params, opt, arrays), repeats)
-        out[f"coconut_s@{n}"] = timed(lambda: fast(params, opt, arrays), repeats)
-        out[f"ratio@{n}"] = out[f"coconut_s@{n}"] / out[f"plain_lm_s@{n}"]
-        if n == 6 and reference:
-            # The reference locates latents on the host: it gets the concrete mask.
-            slow = step_fn(lambda q, a: coconut.token_nll(model.logits(q, coconut.reference_hidden(
-                model, q, {**a, "latent_mask": b.latent_mask})), a["labels"]))
-            out["reference_recompute_s@6"] = timed(lambda: slow(params, opt, arrays), max(1, repeats // 2))
-            out["reference_ratio@6"] = out["reference_recompute_s@6"] / out["plain_lm_s@6"]
-            out["speedup_vs_reference@6"] = out["reference_recompute_s@6"] / out["coconut_s@6"]
-    out.update(batch=spec["batch"], length=int(b.input_ids.shape[1]), n_layer=cfg.n_layer, n_embd=cfg.n_embd)
-    return out
+def peak_flops(kind: str) -> float | None:
+    return next((v for k, v in PEAK_BF16.items() if k.lower() in kind.lower()), None)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="tiny", choices=["tiny", "gpt2", "both"])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-reference", action="store_true",
-                   help="skip the full-recompute reference (at GPT-2 shapes it needs more than 24 GB on CPU)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="tiny", choices=list(SHAPES))
+    p.add_argument("--batch", type=int)
+    p.add_argument("--length", type=int)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--no-dropout", action="store_true")
+    p.add_argument("--time", action="store_true", help="also run the steps (allocates params and batches)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="before,after,after_remat")
+    p.add_argument("--thoughts", default="0,6")
     a = p.parse_args()
-    names = ["tiny", "gpt2"] if a.shapes == "both" else [a.shapes]
-    result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
-    for name in names:
-        result[name] = bench_shape(name, SHAPES[name], a.repeats, reference=not a.no_reference)
-    print(json.dumps(result, indent=1))
+    spec = SHAPES[a.shapes]
+    cfg = spec["config"]
+    if a.no_dropout:
+        cfg = dataclasses.replace(cfg, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    batch, length = a.batch or spec["batch"], a.length or spec["length"]
+    dtype = jnp.bfloat16 if a.bf16 else jnp.float32
+    tx = optax.adamw(1e-4, weight_decay=0.01)
+    abstract = GPT2Model(cfg).param_shapes()
+    abstract_opt = jax.eval_shape(tx.init, abstract)
+    kind = jax.devices()[0].device_kind
+    out = {"device": kind, "backend": jax.default_backend(), "shape": a.shapes, "batch": batch, "length": length,
+           "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "dtype": jnp.dtype(dtype).name,
+           "dropout": not a.no_dropout}
+    compiled, batches = {}, {}
+    for n in (int(x) for x in a.thoughts.split(",")):
+        b = make_batch(batch, length, n, cfg.vocab_size)
+        batches[n] = b
+        arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.arrays().items()}
+        for mode in a.modes.split(","):
+            m = MODES[mode]
+            model = GPT2Model(cfg, dtype, **m["model"])
+            fn = step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0)
+            t0 = time.perf_counter()
+            c = fn.lower(abstract, abstract_opt, arrays, jax.random.key(0)).compile()
+            secs = time.perf_counter() - t0
+            mem = c.memory_analysis()
+            name = f"{mode}@{n}"
+            compiled[name] = c
+            out[name] = {"compile_s": round(secs, 2),
+                         "temp_gb": None if mem is None else round(mem.temp_size_in_bytes / 2 ** 30, 3)}
+            print(f"{name}: {out[name]}", flush=True)
+    if a.time:
+        params = GPT2Model(cfg).init(0)
+        times = {name: [] for name in compiled}
+        state = {name: (jax.tree.map(jnp.array, params), tx.init(params)) for name in compiled}
+        device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()}
+        for r in range(a.repeats + 1):  # the first round warms up
+            for name, c in compiled.items():
+                n = int(name.split("@")[1])
+                p_, o_ = state[name]
+                t0 = time.perf_counter()
+                p_, o_, loss = c(p_, o_, device_arrays[n], jax.random.key(r))
+                jax.block_until_ready(loss)
+                state[name] = (p_, o_)
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        peak = peak_flops(kind)
+        for name, ts in times.items():
+            n = int(name.split("@")[1])
+            tokens = batch * batches[n].input_ids.shape[1]
+            med = float(np.median(ts))
+            out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
+                             tokens_per_s=round(tokens / med))
+            if peak and a.bf16:
+                out[name]["mfu"] = round(model_flops(cfg, tokens, batches[n].input_ids.shape[1]) / med / peak, 3)
+        for mode in a.modes.split(","):
+            if f"{mode}@6" in times and f"{mode}@0" in times:
+                out[f"{mode}_6_thoughts_over_plain"] = round(out[f"{mode}@6"]["step_s_median"]
+                                                             / out[f"{mode}@0"]["step_s_median"], 3)
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

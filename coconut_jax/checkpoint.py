@@ -18,22 +18,44 @@ BEST_FILE = "best.json"
 
 
 class Checkpoints:
-    """The checkpoints a run writes. Every process calls save/restore (Orbax coordinates them)."""
+    """The checkpoints a run writes. Every process calls save/restore (Orbax coordinates them).
 
-    def __init__(self, ckpt_dir: str, main: bool = True):
+    Saves are asynchronous: `save` returns once the arrays are copied off the devices, and
+    Orbax writes them in the background under a temporary name, renamed when complete (a
+    step directory is whole or absent). What depends on a finished step — deleting the
+    mid-epoch steps an epoch end supersedes, naming the best step in best.json — runs
+    when it has finished: at the next save, `wait()` or `close()`.
+    """
+
+    def __init__(self, ckpt_dir: str, main: bool = True, asynchronous: bool = True):
         self.dir = os.path.abspath(ckpt_dir)
         self.main = main
         self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+            self.dir, options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=asynchronous))
+        self._after: list = []  # actions waiting for the step being written
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params, opt_state, meta: dict) -> None:
+    def save(self, step: int, params, opt_state, meta: dict, *, end_of_epoch: bool = False,
+             best_acc: float | None = None) -> None:
+        """Starts writing `step`; once written, an end of epoch drops older mid-epoch steps and
+        `best_acc` (when given) names this step in best.json."""
+        self.wait()
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+            meta=ocp.args.JsonSave({**meta, "end_of_epoch": end_of_epoch})), force=True)
+        if end_of_epoch:
+            self._after.append(lambda: self.drop_mid_epoch(step))
+        if best_acc is not None:
+            self._after.append(lambda: self.mark_best(step, best_acc))
+
+    def wait(self) -> None:
+        """Blocks until the last save is on disk, then runs what waited for it."""
         self.manager.wait_until_finished()
+        after, self._after = self._after, []
+        for action in after:
+            action()
 
     def drop_mid_epoch(self, keep_step: int) -> None:
         """Deletes mid-epoch checkpoints older than `keep_step` (an end-of-epoch one)."""
@@ -56,6 +78,7 @@ class Checkpoints:
         os.replace(tmp, os.path.join(self.dir, BEST_FILE))
 
     def close(self) -> None:
+        self.wait()
         self.manager.close()
 
 

@@ -33,8 +33,8 @@ def _segment(kv, mask):
 
 
 def _write(cache, kv, slot):
-    """`cache` with the keys/values `kv` written at positions slot.. (axis 2, [L,B,T,H,D])."""
-    return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=2), cache, kv)
+    """`cache` with the keys/values `kv` written at positions slot.. (axis 3 of [L,B,H,T,D])."""
+    return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=3), cache, kv)
 
 
 def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
@@ -43,7 +43,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
 
     `feedback=False` is a plain LM pass over the same tokens (pause-as-thought and the
     non-latent methods). With `with_kv`, also returns the keys/values of every position
-    ({"k", "v": [L,B,T,H,D]}), ready to seed a decoding cache.
+    ({"k", "v": [L,B,H,T,D]}), ready to seed a decoding cache.
 
     Each part attends to the keys/values of the parts before it; the thought passes carry
     only their own n-1 positions' keys/values through the scan (the prefix's are a
@@ -51,6 +51,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
     pass stores no per-thought copy of a full-length cache.
     """
     ids, mask, pos = arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"]
+    params = model.stack_layers(params)
     embeds = model.embed(params, ids)
     k_pre, k_mid, k_rest = _keys(dropout_key, 3)
     n = n_latent if feedback else 0
@@ -67,7 +68,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
     thought = h_pre[:, -1]
     if m:
         mid_mask = mask[:, p:p + m].astype(bool)
-        kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:2] + (m,) + a.shape[3:], a.dtype), kv_pre)
+        kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:3] + (m,) + a.shape[4:], a.dtype), kv_pre)
 
         def thought_pass(carry, k):
             kv_mid, thought = carry
@@ -88,7 +89,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
     hidden = jnp.concatenate(parts, axis=1)
     if not with_kv:
         return hidden
-    kv = {name: jnp.concatenate([part[name] for part in past + [kv_rest]], axis=2) for name in ("k", "v")}
+    kv = {name: jnp.concatenate([part[name] for part in past + [kv_rest]], axis=3) for name in ("k", "v")}
     return hidden, kv
 
 
@@ -118,10 +119,40 @@ def token_nll(logits, labels):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
+def chunked_token_nll(model: GPT2Model, params, hidden, labels, chunk: int):
+    """`token_nll(model.logits(params, hidden), labels)` without the [B,T,V] f32 logits: the
+    positions go through the tied head `chunk` at a time in a scan whose body is
+    rematerialised, so the forward and the backward pass hold one chunk's logits."""
+    h, targets = hidden[:, :-1], labels[:, 1:]
+    b, t, e = h.shape
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h_c, t_c):
+        logits = model.logits(params, h_c)
+        valid = t_c != IGNORE
+        picked = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[..., None], axis=-1)[..., 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - picked
+        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+    def step(carry, xs):
+        s, c = one(*xs)
+        return (carry[0] + s, carry[1] + c), None
+    (total, count), _ = jax.lax.scan(step, (jnp.float32(0), jnp.float32(0)), (h, targets))
+    return total, count
+
+
 def loss_terms(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
-               dropout_key=None):
-    """Summed token loss and token count of a batch; callers divide once (exact accumulation)."""
+               dropout_key=None, loss_chunk: int = 0):
+    """Summed token loss and token count of a batch; callers divide once (exact accumulation).
+
+    `loss_chunk` > 0 computes it `loss_chunk` positions at a time (`chunked_token_nll`)."""
     hidden = latent_forward(model, params, arrays, prefix_len, n_latent, feedback=feedback, dropout_key=dropout_key)
+    if loss_chunk and hidden.shape[1] - 1 > loss_chunk:
+        return chunked_token_nll(model, params, hidden, arrays["labels"], loss_chunk)
     return token_nll(model.logits(params, hidden), arrays["labels"])
 
 
@@ -139,10 +170,11 @@ def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_lat
     """
     mask = arrays["attention_mask"]
     b, t = mask.shape
+    params = model.stack_layers(params)
     hidden, kv = latent_forward(model, params, arrays, prefix_len, n_latent, feedback=feedback, with_kv=True)
     # Fed-back tokens 1..max_new_tokens-1 take slots t.. of a fixed-size cache.
     extra = max_new_tokens - 1
-    cache = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, extra), (0, 0), (0, 0))), kv)
+    cache = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))), kv)
     key_mask = jnp.pad(mask.astype(bool), ((0, 0), (0, extra)))
     lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
     last = t - 1 - jnp.argmax(mask[:, ::-1], axis=1)

@@ -58,6 +58,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_processes = 0
     c.process_id = -1
     c.cache_dir = os.path.join(os.path.expanduser("~"), ".cache", "coconut_jax")
+    # Persistent XLA compilation cache: "" = $JAX_COMPILATION_CACHE_DIR if set, else
+    # {cache_dir}/xla; "none" turns it off. A restart or a chained run then compiles nothing.
+    c.compilation_cache_dir = ""
+    c.log_every_steps = 10             # training losses read back from the device every N steps
+    c.prefetch_batches = 2             # batches collated and on the devices ahead of the step
+    c.async_checkpoints = True         # write checkpoints in the background (still atomic)
+    # How the model runs (numerically the same computation; memory and compile time differ).
+    c.scan_layers = True               # layers as one lax.scan: compile time independent of depth
+    c.remat = "none"                   # per-layer rematerialisation: "none", "dots" or "full"
+    c.fused_attention = True           # jax.nn.dot_product_attention where no attention dropout applies
+    c.loss_chunk = 128                 # loss over this many positions at a time (0: all logits at once)
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa".
     c.prepare = ml_collections.ConfigDict({
         "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
@@ -98,6 +109,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.max_val_examples >= 0, f"max_val_examples={c.max_val_examples} must be >= 0 (0: all)")
     need(c.pad_to_multiple >= 1, f"pad_to_multiple={c.pad_to_multiple} must be >= 1")
     need(c.checkpoint_every_steps >= 0, f"checkpoint_every_steps={c.checkpoint_every_steps} must be >= 0")
+    need(c.log_every_steps >= 1, f"log_every_steps={c.log_every_steps} must be >= 1")
+    need(c.prefetch_batches >= 1, f"prefetch_batches={c.prefetch_batches} must be >= 1")
+    need(c.remat in ("none", "dots", "full"), f"remat={c.remat!r} must be none, dots or full")
+    need(c.loss_chunk >= 0, f"loss_chunk={c.loss_chunk} must be >= 0 (0: unchunked)")
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
@@ -107,6 +122,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
             need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
     if c.load_model_path not in ("", "None"):
         need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
+
+
+def compilation_cache_dir(c) -> str | None:
+    """Where compiled programs persist between processes (None: nowhere); see the config field."""
+    if c.compilation_cache_dir == "none":
+        return None
+    return c.compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(c.cache_dir, "xla")
 
 
 def checked(fn, *args):

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
-import pickle
+import shutil
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -70,30 +72,124 @@ def _validate(path: str, i: int, r) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
+    """One record's token ids (a view for evaluation, analysis and tests; training reads the
+    flat arrays of `TokenizedSet` directly)."""
     idx: int
     question: tuple[int, ...]
     steps: tuple[tuple[int, ...], ...]
     answer: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenizedSet:
+    """Every record's token ids as flat arrays, never as per-record Python objects.
+
+    Record r is pieces `records[r] .. records[r+1]-1`: its question, its steps, then its
+    answer ("### answer" + eos); piece j is `tokens[pieces[j]:pieces[j+1]]`. A record's
+    pieces lie back to back, so "the steps from k on, then the answer" is one slice.
+    The arrays may be memory-mapped from the cache (read-only).
+    """
+    tokens: np.ndarray   # int32 [N]
+    pieces: np.ndarray   # int64 [P+1]
+    records: np.ndarray  # int64 [R+1]
+
+    def __len__(self) -> int:
+        return len(self.records) - 1
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TokenizedSet) and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in ("tokens", "pieces", "records"))
+
+    @property
+    def n_steps(self) -> np.ndarray:
+        return np.diff(self.records) - 2
+
+    @property
+    def question_lens(self) -> np.ndarray:
+        first = self.records[:-1]
+        return self.pieces[first + 1] - self.pieces[first]
+
+    def piece(self, j: int) -> tuple[int, ...]:
+        return tuple(self.tokens[self.pieces[j]:self.pieces[j + 1]].tolist())
+
+    def __getitem__(self, i: int) -> Example:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        a, b = int(self.records[i]), int(self.records[i + 1])
+        return Example(i, self.piece(a), tuple(self.piece(j) for j in range(a + 1, b - 1)), self.piece(b - 1))
+
+    def __iter__(self) -> Iterator[Example]:
+        return (self[i] for i in range(len(self)))
+
+    def head(self, n: int) -> "TokenizedSet":
+        """The first n records."""
+        n = min(n, len(self))
+        return TokenizedSet(self.tokens[:self.pieces[self.records[n]]], self.pieces[:self.records[n] + 1],
+                            self.records[:n + 1])
+
+    @classmethod
+    def from_pieces(cls, per_record: Sequence[Sequence[Sequence[int]]]) -> "TokenizedSet":
+        """From each record's pieces (question, steps..., answer)."""
+        flat = [p for r in per_record for p in r]
+        lengths = np.fromiter((len(p) for p in flat), np.int64, len(flat))
+        total = int(lengths.sum())
+        tokens = np.fromiter((t for p in flat for t in p), np.int32, total)
+        pieces = np.concatenate([[0], np.cumsum(lengths)])
+        records = np.concatenate([[0], np.cumsum([len(r) for r in per_record])]).astype(np.int64)
+        return cls(tokens, pieces, records)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> "TokenizedSet":
+        if isinstance(examples, TokenizedSet):
+            return examples
+        return cls.from_pieces([(e.question, *e.steps, e.answer) for e in examples])
+
+
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    """Token ids of each text. Repeated texts (short steps and answers repeat a lot in large
+    sets) are encoded once."""
     if not texts:
         return []
-    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+    unique = list(dict.fromkeys(texts))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        # The Rust tokenizer straight (parallel over the batch, no offsets, no Python-side
+        # post-processing): several times faster than the tokenizer's __call__ on big sets.
+        ids = [e.ids for e in backend.encode_batch_fast(unique, add_special_tokens=special)]
+    else:
+        ids = tokenizer(unique, add_special_tokens=special)["input_ids"]
+    if len(unique) == len(texts):
+        return ids
+    by_text = dict(zip(unique, ids))
+    return [by_text[t] for t in texts]
 
 
-def tokenize_records(records: Sequence[dict], tokenizer, source: str = "<records>") -> list[Example]:
+TOKENIZE_CHUNK = 20_000  # records per batch call: bounds the Python lists alive at once
+
+
+def tokenize_records(records: Sequence[dict], tokenizer, source: str = "<records>") -> TokenizedSet:
     """SPEC §1: question+"\\n", each step+"\\n", "### "+answer then eos (batched, fast tokenizer)."""
-    questions = _encode(tokenizer, [r["question"] + "\n" for r in records], True)
-    flat_steps = _encode(tokenizer, [s + "\n" for r in records for s in r["steps"]], False)
-    answers = _encode(tokenizer, ["### " + r["answer"] for r in records], False)
     eos = tokenizer.eos_token_id
-    out, k = [], 0
-    for i, r in enumerate(records):
-        n = len(r["steps"])
-        out.append(Example(i, tuple(questions[i]), tuple(tuple(s) for s in flat_steps[k:k + n]),
-                           tuple(answers[i]) + (eos,)))
-        k += n
+    parts, counts = [], []
+    for s in range(0, len(records), TOKENIZE_CHUNK):
+        chunk = records[s:s + TOKENIZE_CHUNK]
+        questions = _encode(tokenizer, [r["question"] + "\n" for r in chunk], True)
+        flat_steps = _encode(tokenizer, [x + "\n" for r in chunk for x in r["steps"]], False)
+        answers = _encode(tokenizer, ["### " + r["answer"] for r in chunk], False)
+        ordered, k = [], 0
+        for i, r in enumerate(chunk):
+            n = len(r["steps"])
+            ordered.append(questions[i])
+            ordered.extend(flat_steps[k:k + n])
+            ordered.append(answers[i] + [eos])
+            counts.append(n + 2)
+            k += n
+        lengths = np.fromiter(map(len, ordered), np.int64, len(ordered))
+        parts.append((np.fromiter(itertools.chain.from_iterable(ordered), np.int32, int(lengths.sum())), lengths))
+    tokens = np.concatenate([p[0] for p in parts] or [np.zeros(0, np.int32)])
+    pieces = np.concatenate([[0], np.cumsum(np.concatenate([p[1] for p in parts] or [np.zeros(0, np.int64)]))])
+    out = TokenizedSet(tokens, pieces.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
     if records:
         _check_concatenation(records[0], out[0], tokenizer, source)
     return out
@@ -109,35 +205,101 @@ def _check_concatenation(record: dict, ex: Example, tokenizer, source: str) -> N
                         f"whole text; this tokenizer merges across the newlines Coconut splits on")
 
 
+# -- the token cache ----------------------------------------------------------------------------
+
+CACHE_FORMAT = 2  # bump when the arrays' meaning changes: older caches are then re-tokenized
+_ARRAYS = ("tokens", "pieces", "records")
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _cache_key(path: str, tokenizer, max_size) -> str:
-    st = os.stat(path)
-    h = hashlib.sha256()
-    h.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{max_size}|v1".encode())
+    """The dataset's bytes, the whole tokenizer, the size limit and the format version: a
+    change to any of them is a different cache."""
+    h = hashlib.sha256(f"{_file_digest(path)}|{max_size}|v{CACHE_FORMAT}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr(sorted(tokenizer.get_added_vocab().items())).encode())
+    h.update(repr(tokenizer.eos_token_id).encode())
     return h.hexdigest()[:24]
 
 
-def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: str | None = None):
-    """Validated records and their tokenized examples, cached on disk when `cache_dir` is set.
+def _array_digest(a: np.ndarray) -> str:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(a)).cast("B"), digest_size=16).hexdigest()
 
-    The cache key covers the file (path, size, mtime) and the whole tokenizer, so a changed
-    file or tokenizer is re-tokenized.
+
+def write_cache(directory: str, ts: TokenizedSet) -> None:
+    """The arrays as .npy files plus a manifest with their checksums, made under a temporary
+    name and renamed into place, so a reader sees a whole cache or none."""
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", suffix=".tmp", dir=parent)
+    manifest = {"format": CACHE_FORMAT, "n_records": len(ts)}
+    for name in _ARRAYS:
+        a = getattr(ts, name)
+        np.save(os.path.join(tmp, f"{name}.npy"), a)
+        manifest[name] = {"len": int(a.shape[0]), "blake2b": _array_digest(a)}
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    try:
+        os.replace(tmp, directory)
+    except OSError:  # another process finished the same cache first: theirs is as good
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_cache(directory: str) -> TokenizedSet | None:
+    """The cached arrays, memory-mapped, or None when absent; a cache that fails its checks
+    (missing file, wrong length, checksum) is reported and None returned, so it is rebuilt."""
+    manifest_path = os.path.join(directory, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        return None
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("format") != CACHE_FORMAT:
+            raise ValueError(f"format {manifest.get('format')} (expected {CACHE_FORMAT})")
+        arrays = {}
+        for name in _ARRAYS:
+            a = np.load(os.path.join(directory, f"{name}.npy"), mmap_mode="r")
+            if a.shape != (manifest[name]["len"],) or _array_digest(a) != manifest[name]["blake2b"]:
+                raise ValueError(f"{name}.npy does not match its checksum")
+            arrays[name] = a
+        ts = TokenizedSet(**arrays)
+        if len(ts) != manifest["n_records"] or ts.records[-1] != len(ts.pieces) - 1 or ts.pieces[-1] != len(ts.tokens):
+            raise ValueError("the arrays do not fit together")
+        return ts
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        print(f"warning: token cache {directory} is unusable ({e}); re-tokenizing")
+        shutil.rmtree(directory, ignore_errors=True)
+        return None
+
+
+def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: str | None = None,
+                 with_records: bool = True) -> tuple[list[dict] | None, TokenizedSet]:
+    """Validated records (None when not asked for) and their tokenized set, cached on disk
+    when `cache_dir` is set.
+
+    A cached set is used only for the same file contents, tokenizer, size limit and format
+    version; it is memory-mapped, so a training set costs its token count in int32 pages.
+    With a cache hit and `with_records=False` the JSON is not even parsed (the cache was
+    made from a file that validated, and its key is the file's bytes).
     """
-    records = load_records(path, max_size)
-    cache = os.path.join(cache_dir, f"{_cache_key(path, tokenizer, max_size)}.pkl") if cache_dir else None
-    if cache and os.path.isfile(cache):
-        with open(cache, "rb") as f:
-            return records, pickle.load(f)
-    examples = tokenize_records(records, tokenizer, path)
-    if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(examples, f, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, cache)
-    return records, examples
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: dataset file not found")
+    cache = os.path.join(cache_dir, _cache_key(path, tokenizer, max_size)) if cache_dir else None
+    ts = read_cache(cache) if cache else None
+    records = load_records(path, max_size) if (with_records or ts is None) else None
+    if ts is None:
+        ts = tokenize_records(records, tokenizer, path)
+        if cache:
+            write_cache(cache, ts)
+    return (records if with_records else None), ts
 
 
 # -- curriculum -----------------------------------------------------------------------------
@@ -169,14 +331,15 @@ class Curriculum:
         """Scheduled stage of a 0-based epoch."""
         return 0 if self.method in ("cot", "no_cot") else epoch // self.epochs_per_stage
 
-    def latent_steps(self, n_steps: int, stage: int) -> tuple[int, int]:
-        """(steps dropped, latent steps) for a record with `n_steps` steps trained at `stage`."""
+    def latent_steps(self, n_steps, stage):
+        """(steps dropped, latent steps) for records with `n_steps` steps trained at `stage`
+        (scalars or NumPy arrays of records alike)."""
+        n_steps, stage = np.asarray(n_steps), np.asarray(stage)
         if self.method == "no_cot":
-            return n_steps, 0
-        if stage > self.max_latent_stage:
-            n = self.max_latent_stage if self.pad_latent_to_max else min(n_steps, self.max_latent_stage)
-            return n_steps, n
-        return min(stage, n_steps), stage
+            return n_steps, np.zeros_like(n_steps)
+        over = stage > self.max_latent_stage
+        n_over = self.max_latent_stage if self.pad_latent_to_max else np.minimum(n_steps, self.max_latent_stage)
+        return np.where(over, n_steps, np.minimum(stage, n_steps)), np.where(over, n_over, stage)
 
     def eval_latents(self, n_steps: int, stage: int) -> int:
         m = self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, n_steps)
@@ -185,7 +348,7 @@ class Curriculum:
 
 def training_sequence(ex: Example, stage: int, cur: Curriculum, tokens) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of SPEC §3 for one record at an (already drawn) stage."""
-    dropped, n_latent_steps = cur.latent_steps(len(ex.steps), stage)
+    dropped, n_latent_steps = (int(x) for x in cur.latent_steps(len(ex.steps), stage))
     n_latent = n_latent_steps * cur.thoughts_per_step
     # Only the latent methods have latent steps with thoughts (no_thoughts has c_thought 0).
     head = list(ex.question) + ([tokens.start] + [tokens.latent] * n_latent + [tokens.end] if cur.markers else [])
@@ -199,14 +362,15 @@ def eval_prompt(ex: Example, stage: int, cur: Curriculum, tokens) -> list[int]:
     return list(ex.question) + [tokens.start] + [tokens.latent] * cur.eval_latents(len(ex.steps), stage) + [tokens.end]
 
 
-def draw_stages(examples: Sequence[Example], stage: int, cur: Curriculum, seed: int, epoch: int) -> np.ndarray:
-    """Per-record stage of an epoch: `stage`, or with probability uniform_prob a uniform draw
-    from 0..len(steps) — a deterministic function of (seed, epoch)."""
-    stages = np.full(len(examples), stage, np.int64)
+def draw_stages(n_steps: np.ndarray, stage: int, cur: Curriculum, seed: int, epoch: int) -> np.ndarray:
+    """Per-record stage of an epoch (`n_steps`: each record's step count): `stage`, or with
+    probability uniform_prob a uniform draw from 0..n_steps — a function of (seed, epoch)."""
+    n_steps = np.asarray(n_steps)
+    stages = np.full(len(n_steps), stage, np.int64)
     if cur.uniform_prob > 0:
         rng = np.random.default_rng([seed, epoch, 1])
-        hit = rng.random(len(examples)) < cur.uniform_prob
-        draws = np.floor(rng.random(len(examples)) * np.array([len(e.steps) + 1 for e in examples])).astype(np.int64)
+        hit = rng.random(len(n_steps)) < cur.uniform_prob
+        draws = np.floor(rng.random(len(n_steps)) * (n_steps + 1)).astype(np.int64)
         stages = np.where(hit, draws, stages)
     return stages
 
@@ -265,46 +429,67 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
 
 
+def _layout(lengths: np.ndarray, firsts: np.ndarray, multiple: int, min_prefix: int = 0, min_width: int = 0):
+    """(prefix, left pads, width) of SPEC §4: rows with latents (first latent at `firsts`,
+    -1 for none) are left-padded so their first latent sits at `prefix`, a bucket multiple;
+    every row then ends within `width`, also a bucket multiple."""
+    has = firsts >= 0
+    prefix = round_up(int(max(firsts[has].max(), min_prefix)), multiple) if has.any() else 0
+    lefts = np.where(has, prefix - firsts, 0)
+    width = round_up(int(max((lefts + lengths).max(initial=0), 1, min_width)), multiple)
+    return prefix, lefts, width
+
+
+def _empty_batch(batch_size: int, width: int, pad_id: int):
+    shape = (batch_size, width)
+    return (np.full(shape, pad_id, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32),
+            np.full(shape, IGNORE, np.int32))
+
+
+def _finish(input_ids, attention, positions, labels, lefts, lengths, indices, batch_size, latent_id, prefix, n_latent):
+    for r, (left, n) in enumerate(zip(lefts.tolist(), lengths.tolist())):
+        attention[r, left:left + n] = 1
+        positions[r, left:left + n] = np.arange(n)
+    idx = np.full(batch_size, -1, np.int64)
+    idx[:len(indices)] = indices
+    latent = (input_ids == latent_id) & (attention == 1)
+    return Batch(input_ids, attention, positions, labels, latent, idx, prefix, n_latent)
+
+
 def collate(seqs: Sequence[tuple[list[int], list[int] | None]], indices: Sequence[int], *, latent_id: int,
             pad_id: int, batch_size: int, multiple: int = 32, min_prefix: int = 0, min_width: int = 0) -> Batch:
-    """SPEC §4 batching: aligned first latent, then right padding, to bucketed lengths.
+    """SPEC §4 batching of explicit sequences: aligned first latent, then right padding, to
+    bucketed lengths. (Training batches come from `EpochPlan`, which lays out the same way
+    straight from the flat token arrays.)
 
     `min_prefix`/`min_width` let a caller fix the shapes of every batch of an epoch (one
     compiled program per stage) at the price of more padding."""
     if len(seqs) > batch_size:
         raise ValueError(f"{len(seqs)} sequences for a batch of {batch_size}")
-    firsts = [ids.index(latent_id) if latent_id in ids else None for ids, _ in seqs]
-    counts = [ids.count(latent_id) for ids, _ in seqs]
-    with_latent = [f for f in firsts if f is not None]
-    prefix = round_up(max(with_latent + [min_prefix]), multiple) if with_latent else 0
-    lefts = [prefix - f if f is not None else 0 for f in firsts]
-    width = round_up(max([left + len(ids) for left, (ids, _) in zip(lefts, seqs)] + [1, min_width]), multiple)
-    shape = (batch_size, width)
-    input_ids = np.full(shape, pad_id, np.int32)
-    attention = np.zeros(shape, np.int32)
-    positions = np.zeros(shape, np.int32)
-    labels = np.full(shape, IGNORE, np.int32)
-    for r, (left, (ids, lab)) in enumerate(zip(lefts, seqs)):
-        n = len(ids)
-        input_ids[r, left:left + n] = ids
-        attention[r, left:left + n] = 1
-        positions[r, left:left + n] = np.arange(n)
+    firsts = np.array([ids.index(latent_id) if latent_id in ids else -1 for ids, _ in seqs], np.int64)
+    lengths = np.array([len(ids) for ids, _ in seqs], np.int64)
+    prefix, lefts, width = _layout(lengths, firsts, multiple, min_prefix, min_width)
+    input_ids, attention, positions, labels = _empty_batch(batch_size, width, pad_id)
+    for r, (left, (ids, lab)) in enumerate(zip(lefts.tolist(), seqs)):
+        input_ids[r, left:left + len(ids)] = ids
         if lab is not None:
-            labels[r, left:left + n] = lab
-    idx = np.full(batch_size, -1, np.int64)
-    idx[:len(indices)] = indices
-    latent = (input_ids == latent_id) & (attention == 1)
-    return Batch(input_ids, attention, positions, labels, latent, idx, prefix, max(counts + [0]))
+            labels[r, left:left + len(ids)] = lab
+    n_latent = max([ids.count(latent_id) for ids, _ in seqs] + [0])
+    return _finish(input_ids, attention, positions, labels, lefts, lengths, indices, batch_size, latent_id, prefix,
+                   n_latent)
 
 
 @dataclasses.dataclass
 class EpochPlan:
     """The batches of one training epoch, deterministic in (seed, epoch), resumable at any batch.
 
-    `host`/`num_hosts` select the rows this process feeds: every host builds the same global
-    batch layout (so static shapes agree) but keeps only its contiguous slice of rows.
+    Every record's sequence at its drawn stage is described by a few integers (question
+    slice, latent count, tail slice) computed for all records at once with NumPy; tokens
+    are copied from the flat arrays only when a batch is built. `host`/`num_hosts` select
+    the rows this process feeds: the layout (static shapes) is that of the global batch,
+    but only this host's contiguous share of rows is filled.
     """
-    examples: Sequence[Example]
+    examples: TokenizedSet | Sequence[Example]
     cur: Curriculum
     tokens: object
     stage: int
@@ -322,21 +507,33 @@ class EpochPlan:
     def __post_init__(self):
         if self.batch_size % self.num_hosts:
             raise ValueError(f"global batch {self.batch_size} is not divisible by {self.num_hosts} hosts")
-        stages = draw_stages(self.examples, self.stage, self.cur, self.seed, self.epoch)
-        self._seqs = [training_sequence(e, int(s), self.cur, self.tokens) for e, s in zip(self.examples, stages)]
-        keep = np.ones(len(self._seqs), bool)
+        ts = self.ts = TokenizedSet.from_examples(self.examples)
+        n_steps = ts.n_steps
+        stages = draw_stages(n_steps, self.stage, self.cur, self.seed, self.epoch)
+        dropped, latent_steps = self.cur.latent_steps(n_steps, stages)
+        first_piece = ts.records[:-1]
+        self._q_start = ts.pieces[first_piece]
+        self._q_len = ts.pieces[first_piece + 1] - self._q_start
+        self._n_latent = (latent_steps * self.cur.thoughts_per_step).astype(np.int64)
+        self._tail_start = ts.pieces[first_piece + 1 + dropped]
+        self._tail_len = ts.pieces[ts.records[1:]] - self._tail_start
+        markers = 2 if self.cur.markers else 0
+        self._head_len = self._q_len + (self._n_latent + markers if markers else 0)
+        self._lengths = self._head_len + self._tail_len
+        # The first latent follows the question and <start>; rows without latents have none.
+        self._firsts = np.where((self._n_latent > 0) & bool(markers), self._q_len + 1, -1)
+        keep = np.ones(len(ts), bool)
         if self.max_len is not None:
-            keep = check_lengths([len(s[0]) for s in self._seqs], [e.idx for e in self.examples], self.max_len,
-                                 self.overlong, f"training sequences at stage {self.stage}")
-        order = epoch_order(len(self._seqs), self.seed, self.epoch) if self.shuffle else np.arange(len(self._seqs))
+            keep = check_lengths(self._lengths, np.arange(len(ts)), self.max_len, self.overlong,
+                                 f"training sequences at stage {self.stage}")
+        order = epoch_order(len(ts), self.seed, self.epoch) if self.shuffle else np.arange(len(ts))
         self._order = order[keep[order]]
         self._min_prefix = self._min_width = 0
         if self.static_shapes and len(self._order):
-            seqs = [self._seqs[i][0] for i in self._order]
-            firsts = [ids.index(self.tokens.latent) for ids in seqs if self.tokens.latent in ids]
-            self._min_prefix = max(firsts + [0])
-            self._min_width = max(len(ids) + (round_up(self._min_prefix, self.multiple) - ids.index(self.tokens.latent)
-                                              if self.tokens.latent in ids else 0) for ids in seqs)
+            firsts, lengths = self._firsts[self._order], self._lengths[self._order]
+            self._min_prefix = int(firsts.max(initial=0))
+            self._min_width = int((lengths + np.where(firsts >= 0, round_up(self._min_prefix, self.multiple) - firsts,
+                                                      0)).max())
 
     def __len__(self) -> int:
         return -(-len(self._order) // self.batch_size)
@@ -345,13 +542,33 @@ class EpochPlan:
     def num_sequences(self) -> int:
         return len(self._order)
 
+    def sequence(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of record i at its drawn stage, from the flat arrays."""
+        toks, t = self.tokens, self.ts.tokens
+        q = t[self._q_start[i]:self._q_start[i] + self._q_len[i]]
+        head = [q] + ([np.array([toks.start] + [toks.latent] * int(self._n_latent[i]) + [toks.end], np.int32)]
+                      if self.cur.markers else [])
+        tail = t[self._tail_start[i]:self._tail_start[i] + self._tail_len[i]]
+        ids = np.concatenate(head + [tail])
+        labels = np.concatenate([np.full(self._head_len[i], IGNORE, np.int32), tail])
+        return ids, labels
+
     def batch(self, k: int) -> Batch:
         rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
-        full = collate([self._seqs[i] for i in rows], [self.examples[i].idx for i in rows],
-                       latent_id=self.tokens.latent, pad_id=self.tokens.pad, batch_size=self.batch_size,
-                       multiple=self.multiple, min_prefix=self._min_prefix, min_width=self._min_width)
+        prefix, lefts, width = _layout(self._lengths[rows], self._firsts[rows], self.multiple,
+                                       self._min_prefix, self._min_width)
         share = self.batch_size // self.num_hosts
-        return full.rows(self.host * share, (self.host + 1) * share)
+        mine = slice(self.host * share, (self.host + 1) * share)
+        rows, lefts = rows[mine], lefts[mine]
+        input_ids, attention, positions, labels = _empty_batch(share, width, self.tokens.pad)
+        for r, (i, left) in enumerate(zip(rows.tolist(), lefts.tolist())):
+            ids, lab = self.sequence(i)
+            input_ids[r, left:left + len(ids)] = ids
+            labels[r, left:left + len(ids)] = lab
+        all_rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
+        n_latent = int(self._n_latent[all_rows].max(initial=0)) if self.cur.markers else 0
+        return _finish(input_ids, attention, positions, labels, lefts, self._lengths[rows], rows, share,
+                       self.tokens.latent, prefix, n_latent)
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         for k in range(start, len(self)):

@@ -21,11 +21,20 @@ def make_optimizer(c):
     return optax.adamw(c.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback"), donate_argnums=(2,))
-def accumulate(model, params, acc, arrays, key, *, prefix_len, n_latent, feedback):
-    """Adds one micro-batch's gradient of the summed token loss (and the sums) to `acc`."""
+@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback", "loss_chunk"),
+                   donate_argnums=(2,))
+def accumulate(model, params, acc, arrays, key, *, prefix_len, n_latent, feedback, loss_chunk=0):
+    """Adds one micro-batch's gradient of the summed token loss (and the sums) to `acc`.
+
+    `key`: the dropout key, or (base key, step, micro-batch) from which it is derived inside
+    the program (no per-step host dispatch for key arithmetic)."""
+    if isinstance(key, tuple):
+        base, step, micro = key
+        key = jax.random.fold_in(jax.random.fold_in(base, step), micro)
+
     def f(p):
-        return coconut.loss_terms(model, p, arrays, prefix_len, n_latent, feedback=feedback, dropout_key=key)
+        return coconut.loss_terms(model, p, arrays, prefix_len, n_latent, feedback=feedback, dropout_key=key,
+                                  loss_chunk=loss_chunk)
     (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
     return {"grads": jax.tree.map(jnp.add, acc["grads"], g), "loss": acc["loss"] + s, "count": acc["count"] + n}
 
@@ -43,9 +52,13 @@ def apply_update(tx, params, opt_state, acc):
     return optax.apply_updates(params, updates), opt_state, loss
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback"))
-def eval_loss_terms(model, params, arrays, *, prefix_len, n_latent, feedback):
-    return coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=feedback)
+def zeros_like_acc(acc):
+    return jax.tree.map(jnp.zeros_like, acc)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback", "loss_chunk"))
+def eval_loss_terms(model, params, arrays, *, prefix_len, n_latent, feedback, loss_chunk=0):
+    return coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=feedback, loss_chunk=loss_chunk)
 
 
 def _names(path) -> tuple[str, ...]:
@@ -86,21 +99,30 @@ class TrainState:
         opt_shapes = jax.eval_shape(tx.init, self.params)
         self.opt_sh = like_params(opt_shapes, self.params, NamedSharding(mesh, P()))
         self._init = jax.jit(tx.init, out_shardings=self.opt_sh)
-        self._update = jax.jit(functools.partial(apply_update, tx), donate_argnums=(0, 1),
-                               out_shardings=(self.param_sh, self.opt_sh, None))
-        self._zeros = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=self.param_sh)
+        scalar = NamedSharding(mesh, P())
+        self.acc_sh = {"grads": self.param_sh, "loss": scalar, "count": scalar}
+
+        def update_and_clear(params, opt_state, acc):
+            # The spent accumulator comes back zeroed in its own (donated) buffers: no
+            # gradient-sized allocation per step.
+            return (*apply_update(tx, params, opt_state, acc), zeros_like_acc(acc))
+        self._update = jax.jit(update_and_clear, donate_argnums=(0, 1, 2),
+                               out_shardings=(self.param_sh, self.opt_sh, scalar, self.acc_sh))
+        self._zeros = jax.jit(lambda p: {"grads": jax.tree.map(jnp.zeros_like, p), "loss": jnp.float32(0),
+                                         "count": jnp.float32(0)}, out_shardings=self.acc_sh)
         self.opt_state = self._init(self.params)
 
     def reset_optimizer(self) -> None:
         self.opt_state = self._init(self.params)
 
     def new_accumulator(self):
-        return {"grads": self._zeros(self.params), "loss": jnp.float32(0), "count": jnp.float32(0)}
+        return self._zeros(self.params)
 
     def update(self, acc):
-        """Applies the accumulated gradient; returns the mean token loss (a device scalar)."""
-        self.params, self.opt_state, loss = self._update(self.params, self.opt_state, acc)
-        return loss
+        """Applies the accumulated gradient; returns (the mean token loss as a device scalar,
+        the accumulator zeroed for the next step). `acc` is consumed."""
+        self.params, self.opt_state, loss, acc = self._update(self.params, self.opt_state, acc)
+        return loss, acc
 
     def abstract(self) -> dict:
         """Shapes, dtypes and shardings of the state, the target of a checkpoint restore."""

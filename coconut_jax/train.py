@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, hf, prepare, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, hf, prepare, rundir, sharding, steps
 from coconut_jax.metrics import MetricsSink, stage_table
 from coconut_jax.models.gpt2 import GPT2Model
 
@@ -29,6 +29,12 @@ class Trainer:
     def __init__(self, c, writes: bool = True):
         config_lib.validate(c)
         start_distributed(c)
+        cache = config_lib.compilation_cache_dir(c)
+        if cache:  # before anything compiles
+            jax.config.update("jax_compilation_cache_dir", cache)
+            if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+                # Every program, not only those over JAX's default 1 s: a restart compiles nothing.
+                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.c, self.writes = c, writes
         self.main = jax.process_index() == 0
         self.run_dir = os.path.join(c.save_path, c.name)
@@ -46,14 +52,16 @@ class Trainer:
         self.tok = hf.load_tokenizer(c.model_id)
         self.tokens = hf.latent_tokens(self.tok)
         self.ckpt = None if (c.debug or not writes) else checkpoint.Checkpoints(
-            os.path.join(self.run_dir, "checkpoints"), main=self.main)
+            os.path.join(self.run_dir, "checkpoints"), main=self.main, asynchronous=c.async_checkpoints)
         own = rundir.own_checkpoint(self.ckpt, c.only_eval)
         source = rundir.Source("resume", self.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
         config, params = rundir.load_weights(source, c.model_id, c.method, self.tok)
-        self.model = GPT2Model(config, jnp.bfloat16 if c.bf16 else jnp.float32)
+        self.model = GPT2Model(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
+                               remat=c.remat, fused_attention=c.fused_attention)
         self.state = steps.TrainState(self.model, params, self.mesh, steps.make_optimizer(c))
         self.val_records, self.val_examples = data.load_dataset(c.val_path, self.tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir)
-        self.train_examples = [] if c.only_eval else data.load_dataset(c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir)[1]
+        self.train_examples = [] if c.only_eval else data.load_dataset(
+            c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir, with_records=False)[1]
         self.max_new = c.max_new_tokens or (64 if "gsm" in os.path.basename(c.val_path) else 128)
         self.step, self.epoch, self.batch_in_epoch, self.best_acc = 0, c.resume, 0, None
         self.sink = MetricsSink(os.path.join(self.run_dir, "metrics.jsonl"), self._wandb(), enabled=self.main and writes)
@@ -62,6 +70,7 @@ class Trainer:
         else:
             self.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
             self._print(f"weights from {source.describe() or c.model_id}")
+        self._pending = []       # logged steps whose losses are still on the device
         self._signalled = False  # this process got SIGTERM
         self.stopped = False     # every process agreed to stop (and saved)
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -79,15 +88,15 @@ class Trainer:
         self.sink.truncate(meta["metrics_count"])
         self._print(f"resumed from {self.ckpt.dir}/{step}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
 
-    def _save(self, end_of_epoch: bool):
+    def _save(self, end_of_epoch: bool, best_acc: float | None = None):
         if self.ckpt is None:
             return
+        self._flush_losses()  # the metrics count in meta must include every finished step
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "stage": self.cur.stage(self.epoch), "metrics_count": self.sink.count, "best_acc": self.best_acc,
-                "end_of_epoch": end_of_epoch, "method": self.c.method}
-        self.ckpt.save(self.step, self.state.params, self.state.opt_state, meta)
-        if end_of_epoch:
-            self.ckpt.drop_mid_epoch(self.step)
+                "method": self.c.method}
+        self.ckpt.save(self.step, self.state.params, self.state.opt_state, meta, end_of_epoch=end_of_epoch,
+                       best_acc=best_acc)
 
     def _on_sigterm(self, *_):
         self._signalled = True
@@ -149,44 +158,79 @@ class Trainer:
         plan = self._plan(self.train_examples, stage, epoch)
         if c.reset_optimizer and self.batch_in_epoch == 0:
             self.state.reset_optimizer()
-        accum = c.gradient_accumulation_steps
-        starts = list(range(self.batch_in_epoch, len(plan), accum))
-        base = jax.random.key(c.seed)
-        bar = self._progress(starts, desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}", total=len(starts))
-        t0, tokens = time.time(), 0
-        for start in bar:
-            acc = self.state.new_accumulator()
-            for k in range(start, min(start + accum, len(plan))):
-                batch = plan.batch(k)
-                tokens += int(batch.attention_mask.sum()) * jax.process_count()
-                key = jax.random.fold_in(jax.random.fold_in(base, self.step), k - start)
-                acc = steps.accumulate(self.model, self.state.params, acc, self._put(batch), key,
-                                       prefix_len=batch.prefix_len, n_latent=batch.n_latent, feedback=self.feedback)
-            loss = float(self.state.update(acc))
-            self.step += 1
-            self.batch_in_epoch = min(start + accum, len(plan))
-            if self.main and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{loss:.4f}")
-            self.sink.log({"step": self.step, "epoch": epoch + 1, "stage": stage, "train/loss": loss,
-                           "train/tokens_per_s": tokens / max(time.time() - t0, 1e-9)})
-            stop = self._stop_agreed()
-            if stop or (c.checkpoint_every_steps and self.step % c.checkpoint_every_steps == 0
-                        and self.batch_in_epoch < len(plan)):
-                self._save(end_of_epoch=False)
-                if stop:
-                    self.stopped = True
-                    self._print(f"SIGTERM: saved step {self.step}, exiting")
-                    return {}
+        self._train_steps(plan, stage)
+        if self.stopped:
+            return {}
         result = self.evaluate(stage, eval_loss=True)
         self.epoch, self.batch_in_epoch = epoch + 1, 0
         improved = self.best_acc is None or result["eval/acc"] > self.best_acc
         self.best_acc = result["eval/acc"] if improved else self.best_acc
         stage_end = self.cur.stage(self.epoch) != stage or self.epoch == c.num_epochs
         if not c.save_only_improve or improved or stage_end:
-            self._save(end_of_epoch=True)
-            if improved and self.ckpt is not None:
-                self.ckpt.mark_best(self.step, result["eval/acc"])
+            self._save(end_of_epoch=True, best_acc=result["eval/acc"] if improved else None)
         return result
+
+    def _train_steps(self, plan, stage):
+        """The optimizer steps of an epoch from `self.batch_in_epoch` on (or until SIGTERM).
+
+        Batches are collated and put on the devices by a background thread while earlier
+        steps run; losses stay on the device until `log_every_steps` of them are read back
+        at once, so nothing in the loop waits for the device."""
+        c, epoch = self.c, self.epoch
+        accum = c.gradient_accumulation_steps
+        starts = list(range(self.batch_in_epoch, len(plan), accum))
+        micro_batches = [k for s in starts for k in range(s, min(s + accum, len(plan)))]
+
+        def make(k):
+            batch = plan.batch(k)
+            return batch, self._put(batch), int(batch.attention_mask.sum()) * jax.process_count()
+        base = jax.random.key(c.seed)
+        bar = self._progress(starts, desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}", total=len(starts))
+        self._epoch_clock = (time.time(), 0)
+        acc = self.state.new_accumulator()
+        with feed.Prefetch(make, micro_batches, depth=c.prefetch_batches) as batches:
+            for start in bar:
+                tokens = 0
+                for k in range(start, min(start + accum, len(plan))):
+                    batch, arrays, n = next(batches)
+                    tokens += n
+                    acc = steps.accumulate(self.model, self.state.params, acc, arrays,
+                                           (base, np.int32(self.step), np.int32(k - start)),
+                                           prefix_len=batch.prefix_len, n_latent=batch.n_latent,
+                                           feedback=self.feedback, loss_chunk=c.loss_chunk)
+                loss, acc = self.state.update(acc)
+                self.step += 1
+                self.batch_in_epoch = min(start + accum, len(plan))
+                self._pending.append({"step": self.step, "epoch": epoch + 1, "stage": stage, "train/loss": loss,
+                                      "tokens": tokens})
+                if len(self._pending) >= c.log_every_steps:
+                    self._flush_losses(bar)
+                stop = self._stop_agreed()
+                if stop or (c.checkpoint_every_steps and self.step % c.checkpoint_every_steps == 0
+                            and self.batch_in_epoch < len(plan)):
+                    self._save(end_of_epoch=False)
+                    if stop:
+                        self.stopped = True
+                        if self.ckpt is not None:
+                            self.ckpt.wait()
+                        self._print(f"SIGTERM: saved step {self.step}, exiting")
+                        return
+        self._flush_losses(bar)
+
+    def _flush_losses(self, bar=None):
+        """Reads back the losses of the steps not yet logged (one transfer) and logs them."""
+        if not self._pending:
+            return
+        losses = jax.device_get([e["train/loss"] for e in self._pending])
+        t0, tokens = self._epoch_clock
+        elapsed = max(time.time() - t0, 1e-9)
+        for e, loss in zip(self._pending, losses):
+            tokens += e.pop("tokens")
+            self.sink.log({**e, "train/loss": float(loss), "train/tokens_per_s": tokens / elapsed})
+        self._epoch_clock = (t0, tokens)
+        if self.main and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+        self._pending = []
 
     def evaluate(self, stage, eval_loss=True):
         c = self.c
@@ -197,7 +241,7 @@ class Trainer:
             for batch in self._progress(plan.batches(), desc="val loss", total=len(plan)):
                 s, n = steps.eval_loss_terms(self.model, self.state.params, self._put(batch),
                                              prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                             feedback=self.feedback)
+                                             feedback=self.feedback, loss_chunk=c.loss_chunk)
                 total, count = total + float(s), count + float(n)
             out["eval/loss"] = total / max(count, 1.0)
         one_process = jax.process_count() == 1

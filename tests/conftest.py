@@ -2,7 +2,12 @@ import os
 import subprocess
 import sys
 
-import jax
+# The suite's in-process programs run a few times each: XLA's backend optimisation costs more
+# compile time than it saves there. CLI subprocesses (run_cli) keep the default.
+_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
+os.environ["XLA_FLAGS"] = ((_USER_XLA_FLAGS or "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
 import pytest
 
 from coconut_jax.metrics import read_metrics
@@ -52,7 +57,10 @@ def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=Fa
     """`python -m coconut_jax.train` on a config of the repository, in a subprocess."""
     cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, config),
            f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {})}
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if _USER_XLA_FLAGS:
+        base["XLA_FLAGS"] = _USER_XLA_FLAGS
+    full_env = {**base, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {})}
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)

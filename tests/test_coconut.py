@@ -1,4 +1,6 @@
 """The latent forward against the slow reference, the recurrence itself, loss, generation, metrics."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,14 +120,21 @@ def _generate(params, prompts, max_new, eos=EOS):
     return [np.asarray(toks)[r, :int(kept[r])].tolist() for r in range(len(prompts))]
 
 
+class _JittedModel:
+    """MODEL with its passes jitted (the slow reference then runs at compiled speed)."""
+    embed, body, logits = jax.jit(MODEL.embed), jax.jit(MODEL.body), jax.jit(MODEL.logits)
+
+
 def _naive(params, prompt, max_new, eos=EOS):
-    """The reference's way: re-run the whole (latent) forward for every new token, batch size 1."""
+    """The reference's way: re-run the whole (latent) forward for every new token, batch size 1
+    (padded to a multiple of 16, which attention masks out, to bound the compiles)."""
     ids = list(prompt)
     out = []
     for i in range(max_new):
-        b = data.collate([(ids, None)], [0], latent_id=L, pad_id=PAD, batch_size=1, multiple=1)
-        h = coconut.reference_hidden(MODEL, params, b.arrays())
-        nxt = int(jnp.argmax(MODEL.logits(params, h[0, -1])))
+        b = data.collate([(ids, None)], [0], latent_id=L, pad_id=PAD, batch_size=1, multiple=16)
+        h = coconut.reference_hidden(_JittedModel, params, b.arrays())
+        last = int(np.nonzero(b.attention_mask[0])[0][-1])
+        nxt = int(jnp.argmax(_JittedModel.logits(params, h[0, last])))
         if i > 0 and nxt == eos:
             break
         out.append(nxt)
@@ -177,3 +186,52 @@ def test_cot_match():
     assert not metrics.cot_matches("Q?\n<<1+1=2>>\n### 2", ["<<1+1=2>>", "<<2*2=4>>"])
     assert not metrics.cot_matches("Q?\n<|start-latent|><|latent|><|end-latent|><<2*2=4>>\n### 4", ["<<2*2=4>>"])
     assert metrics.cot_matches("Q?\n### 4", [])
+
+
+# -- execution options: the same computation --------------------------------------------------
+
+_REFERENCE_LOSS = {}
+
+
+def _loss_and_grads(cfg, model, params, b, key):
+    def f(p):
+        s, n = coconut.loss_terms(model, p, b.arrays(), b.prefix_len, b.n_latent, dropout_key=key)
+        return s / n
+    return jax.jit(jax.value_and_grad(f))(params)
+
+
+@pytest.mark.parametrize("kw,dropout", [(dict(), False), (dict(scan_layers=True), False), (dict(remat="full"), False),
+                                        (dict(scan_layers=True, remat="dots"), True)],
+                         ids=["fused", "scan", "remat_full", "scan_dots_dropout"])
+def test_scanned_rematerialised_fused_layers_give_the_same_loss_and_gradients(kw, dropout):
+    """Every way of running the layers gives the loss and gradients of the plain per-layer
+    loop with the per-segment attention (the reference form), through the latent passes;
+    with dropout, the same keys drop the same units."""
+    cfg = GPT2Config(vocab_size=61, n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                     **({} if dropout else dict(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)))
+    reference = GPT2Model(cfg, fused_attention=False)
+    params = reference.init(1)
+    b = _batch(BATCHES["mixed_counts_c2_left_pad"])
+    key = jax.random.key(3) if dropout else None
+    if dropout not in _REFERENCE_LOSS:
+        _REFERENCE_LOSS[dropout] = _loss_and_grads(cfg, reference, params, b, key)
+    l0, g0 = _REFERENCE_LOSS[dropout]
+    l1, g1 = _loss_and_grads(cfg, reference.replace(**{"fused_attention": True, **kw}), params, b, key)
+    assert abs(float(l0) - float(l1)) <= 1e-5 * abs(float(l0))
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.abs(np.asarray(a) - np.asarray(c)).max() <= 1e-4 * max(np.abs(np.asarray(a)).max(), 1e-8)
+
+
+def test_chunked_loss_equals_full_logits_loss_and_gradients():
+    b = _batch(BATCHES["mixed_counts_c2_left_pad"], multiple=8)
+    assert b.input_ids.shape[1] - 1 > 5  # several chunks, the last one partial
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def f(p, chunk):
+        def total(q):
+            return coconut.loss_terms(MODEL, q, b.arrays(), b.prefix_len, b.n_latent, loss_chunk=chunk)
+        return jax.value_and_grad(total, has_aux=True)(p)
+    ((s0, n0), g0), ((s1, n1), g1) = f(PARAMS, 0), f(PARAMS, 5)
+    assert float(n0) == float(n1) and abs(float(s0) - float(s1)) <= 1e-6 * abs(float(s0))
+    for a, c in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert np.abs(np.asarray(a) - np.asarray(c)).max() <= 1e-6 * max(np.abs(np.asarray(a)).max(), 1e-8) + 1e-7

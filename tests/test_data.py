@@ -85,11 +85,11 @@ def test_stage_schedule():
 
 
 def test_uniform_prob_draws_are_deterministic_and_in_range():
-    exs = [EX] * 2000
+    n_steps = np.full(2000, len(EX.steps))
     cur = Curriculum(uniform_prob=0.5)
-    a = data.draw_stages(exs, 2, cur, seed=1, epoch=3)
-    assert np.array_equal(a, data.draw_stages(exs, 2, cur, seed=1, epoch=3))
-    assert not np.array_equal(a, data.draw_stages(exs, 2, cur, seed=1, epoch=4))
+    a = data.draw_stages(n_steps, 2, cur, seed=1, epoch=3)
+    assert np.array_equal(a, data.draw_stages(n_steps, 2, cur, seed=1, epoch=3))
+    assert not np.array_equal(a, data.draw_stages(n_steps, 2, cur, seed=1, epoch=4))
     # half the records redraw uniformly from 0..3, of which 3/4 differ from 2
     assert set(a.tolist()) <= {0, 1, 2, 3} and abs(np.mean(a != 2) - 0.5 * 0.75) < 0.04
 
@@ -200,3 +200,68 @@ def test_static_shapes_give_one_shape_per_epoch():
     shapes = {(b.input_ids.shape, b.prefix_len) for b in _plan(static_shapes=True, multiple=1).batches()}
     assert len(shapes) == 1
     assert len({(b.input_ids.shape, b.prefix_len) for b in _plan(multiple=1).batches()}) > 1
+
+
+def _reference_batch(plan, k):
+    """The obvious form of a plan's batch: each record's `training_sequence`, then `collate`."""
+    order = plan._order[k * plan.batch_size:(k + 1) * plan.batch_size]
+    stages = data.draw_stages(plan.ts.n_steps, plan.stage, plan.cur, plan.seed, plan.epoch)
+    seqs = [training_sequence(plan.ts[i], int(stages[i]), plan.cur, TOK) for i in order]
+    return collate(seqs, order.tolist(), latent_id=L, pad_id=0, batch_size=plan.batch_size,
+                   multiple=plan.multiple, min_prefix=plan._min_prefix, min_width=plan._min_width)
+
+
+@pytest.mark.parametrize("method", data.METHODS)
+@pytest.mark.parametrize("kw", [dict(stage=2), dict(stage=5, static_shapes=True), dict(stage=1, uniform_prob=0.5),
+                                dict(stage=4, c_thought=2, pad=False)])
+def test_plan_batches_equal_per_record_sequences(method, kw):
+    """The flat-array plan builds exactly what collating each record's sequence builds."""
+    rng = np.random.default_rng(3)
+    exs = [Example(i, tuple(rng.integers(1, 99, 1 + i % 6).tolist()),
+                   tuple(tuple(rng.integers(1, 99, 1 + j % 3).tolist()) for j in range(i % 5)), (40 + i % 7, 0))
+           for i in range(45)]
+    cur = Curriculum(method, c_thought=kw.get("c_thought", 1), max_latent_stage=3, pad_latent_to_max=kw.get("pad", True),
+                     uniform_prob=kw.get("uniform_prob", 0.0))
+    plan = data.EpochPlan(exs, cur, TOK, kw["stage"], seed=5, epoch=2, batch_size=8, multiple=4,
+                          static_shapes=kw.get("static_shapes", False))
+    for k in range(len(plan)):
+        got, want = plan.batch(k), _reference_batch(plan, k)
+        assert (got.prefix_len, got.n_latent) == (want.prefix_len, want.n_latent)
+        for name, a in want.arrays().items():
+            assert np.array_equal(got.arrays()[name], a), (name, k)
+        assert np.array_equal(got.indices, want.indices)
+
+
+def test_tokenized_set_round_trips_examples():
+    exs = [Example(0, (1, 2), ((3,), (4, 5)), (6, 0)), Example(1, (7,), (), (8, 0))]
+    ts = data.TokenizedSet.from_examples(exs)
+    assert list(ts) == exs and ts[-1] == exs[1] and ts.n_steps.tolist() == [2, 0]
+    assert list(ts.head(1)) == exs[:1]
+
+
+def _cache_entry(tmp_path):
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    return entry
+
+
+def test_token_cache_is_verified_and_rebuilt(tiny_dir, tmp_path, capsys):
+    tok = hf.load_tokenizer(tiny_dir)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(SAMPLE_RECORDS))
+    cache = tmp_path / "cache"
+    _, first = data.load_dataset(str(path), tok, cache_dir=str(cache))
+    entry = _cache_entry(cache)
+    # A hit needs no records at all: the JSON is not parsed.
+    records, hit = data.load_dataset(str(path), tok, cache_dir=str(cache), with_records=False)
+    assert records is None and hit == first and isinstance(hit.tokens, np.memmap)
+    # A corrupt cache is reported and rebuilt, never trusted.
+    tokens = np.load(entry / "tokens.npy")
+    tokens[0] += 1
+    np.save(entry / "tokens.npy", tokens)
+    _, again = data.load_dataset(str(path), tok, cache_dir=str(cache))
+    assert again == first and "unusable" in capsys.readouterr().out
+    # Changed contents (same size) are a different cache.
+    changed_records = [{**r, "question": r["question"].replace("a", "b")} for r in SAMPLE_RECORDS]
+    path.write_text(json.dumps(changed_records))
+    _, changed = data.load_dataset(str(path), tok, cache_dir=str(cache))
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 2 and changed != first

@@ -93,7 +93,7 @@ def test_incremental_passes_against_past_keys_equal_full(pair):
     h0, kv = model.body(params, emb[:, :3], pos[:, :3], mask[:, :3])
     past = [{**kv, "mask": mask[:, :3]}]
     # A segment with unused (masked) slots must be ignored, as in a fixed-size decoding cache.
-    junk = jax.tree.map(lambda a: jnp.ones_like(a[:, :, :2]) * 7.0, kv)
+    junk = jax.tree.map(lambda a: jnp.ones_like(a[:, :, :, :2]) * 7.0, kv)
     past.append({**junk, "mask": np.zeros((3, 2), bool)})
     steps = [h0]
     for t in range(3, ids.shape[1]):
