@@ -14,6 +14,16 @@ Measured in the same run, compilation excluded:
                   the n+1 full passes of its latent forward (jitted here)
 
 Prints one JSON object with seconds per question and the throughput ratios.
+
+    python benchmarks/generate.py --process [--questions 200]
+
+The whole `only_eval` process instead (`configs/prosqa_eval.py` at stage 6 with the
+validation loss, as a user runs it): 200 generated ProsQA questions, a random 2-layer
+128-dim GPT-2 with a tokenizer trained on them; wall-clock seconds per question cold (empty
+token and compilation caches) and warm, against the reference's way of generating
+(n+1 full passes per new token, one question at a time, jitted) on the same model and
+questions in the same run, timed on `--singles` of them for as many tokens as the process
+generated on average.
 """
 from __future__ import annotations
 
@@ -130,15 +140,118 @@ def bench_shape(spec, questions, singles, new_tokens):
     return out
 
 
+def bench_process(questions: int, singles: int) -> dict:
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from coconut_jax import hf, tiny
+    from coconut_jax.models.gpt2 import GPT2Model as Model
+    from data_prep import prosqa_generator
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    work = "/tmp/coconut_eval_bench"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    records = prosqa_generator.generate(questions, seed=0)
+    val = os.path.join(work, "valid.json")
+    with open(val, "w") as f:
+        json.dump(records, f)
+    model_dir = tiny.build(tiny.record_texts(records), os.path.join(work, "model"), vocab_size=512, n_layer=2,
+                           n_embd=128, n_head=4, n_positions=1024)
+    out = {"questions": questions}
+    for run in ("cold", "warm"):
+        cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(root, "configs", "prosqa_eval.py"),
+               f"--config.val_path={val}", f"--config.load_model_path={model_dir}", f"--config.model_id={model_dir}",
+               f"--config.save_path={work}/runs", f"--config.name=eval_{run}", f"--config.cache_dir={work}/cache",
+               "--config.resume=30", "--config.print_examples=0"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, text=True)
+        out[f"process_{run}_s"] = time.perf_counter() - t0
+        out[f"process_{run}_s_per_q"] = out[f"process_{run}_s"] / questions
+    preds = [json.loads(line) for line in open(f"{work}/runs/eval_warm/predictions_epoch31.jsonl")]
+    new_tokens = max(1, round(float(np.mean([p["new_tokens"] for p in preds]))))
+    # The reference's way on the same model and prompts.
+    config, params = hf.load_pretrained(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+    toks = hf.latent_tokens(tok)
+    config, params = hf.add_latent_rows(config, params, tok)
+    model = Model(config)
+    cur = data.Curriculum("coconut", 1, 6, 5)
+    _, ts = data.load_dataset(val, tok)
+    prompts = [data.eval_prompt(ts[i], 6, cur, toks) for i in range(singles)]
+    single_reference(model, params, prompts[0], new_tokens, toks.latent)  # compile
+    ref_s, _ = per_question(lambda: [single_reference(model, params, q, new_tokens, toks.latent) for q in prompts],
+                            singles)
+    out.update(new_tokens_mean=new_tokens, reference_s_per_q=ref_s,
+               cold_speedup_vs_reference=ref_s / out["process_cold_s_per_q"],
+               warm_speedup_vs_reference=ref_s / out["process_warm_s_per_q"])
+    return out
+
+
+def bench_decode_step(rows: int = 64, prompt: int = 520, new_tokens: int = 64) -> dict:
+    """One decoding step of `coconut.generate` (64 rows, a ~580-slot cache, 2 layers of 128
+    dims) against the cost of its matmuls alone (the same products on contiguous arrays:
+    q/k/v, projections, MLP, head, and scores/values over the cache, per layer)."""
+    cfg = GPT2Config(vocab_size=300, n_positions=1024, n_embd=128, n_layer=2, n_head=4)
+    model = GPT2Model(cfg, scan_layers=True)
+    params = model.init(0)
+    prompts = make_prompts(rows, prompt, cfg.vocab_size)
+    b = collate(prompts, cfg.vocab_size - 1, multiple=32)
+
+    def run(n):
+        fn = lambda: coconut.generate(model, params, b.arrays(), -1, prefix_len=b.prefix_len, n_latent=b.n_latent,
+                                      max_new_tokens=n)
+        jax.block_until_ready(fn())
+        return min(per_question(lambda: jax.block_until_ready(fn()), 1)[0] for _ in range(5))
+    step = (run(new_tokens + 1) - run(1)) / new_tokens
+    e, h, d, slots = cfg.n_embd, cfg.n_head, cfg.head_dim, b.input_ids.shape[1] + new_tokens
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((rows, e)), jnp.float32)
+    w = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in
+         dict(qkv=(e, 3 * e), proj=(e, e), fc=(e, 4 * e), out=(4 * e, e), head=(e, cfg.vocab_size)).items()}
+    kc = jnp.asarray(rng.standard_normal((cfg.n_layer, rows, h, slots, d)), jnp.float32)
+
+    @jax.jit
+    def matmuls(x, w, kc):
+        for layer in range(cfg.n_layer):
+            q = (x @ w["qkv"])[:, :e].reshape(rows, h, d)
+            p = jnp.einsum("bhd,bhsd->bhs", q, kc[layer])
+            a = jnp.einsum("bhs,bhsd->bhd", p, kc[layer]).reshape(rows, e)
+            x = a @ w["proj"] + ((x @ w["fc"]) @ w["out"])
+        return x @ w["head"]
+    jax.block_until_ready(matmuls(x, w, kc))
+    mm = min(per_question(lambda: jax.block_until_ready(matmuls(x, w, kc)), 1)[0] for _ in range(20))
+    # The step's arithmetic at this machine's dense matmul rate (a 1024^3 f32 product).
+    big = jnp.asarray(rng.standard_normal((1024, 1024)), jnp.float32)
+    gemm = jax.jit(lambda a: a @ a)
+    jax.block_until_ready(gemm(big))
+    rate = 2 * 1024 ** 3 / min(per_question(lambda: jax.block_until_ready(gemm(big)), 1)[0] for _ in range(10))
+    flops = rows * (cfg.n_layer * (2 * 12 * e * e + 4 * slots * e) + 2 * e * cfg.vocab_size)
+    return {"rows": rows, "cache_slots": int(slots), "decode_step_ms": 1e3 * step, "matmuls_ms": 1e3 * mm,
+            "step_over_matmuls": step / mm, "step_mflop": flops / 1e6, "gemm_gflops": rate / 1e9,
+            "flops_at_gemm_rate_ms": 1e3 * flops / rate, "step_over_flops_at_gemm_rate": step * rate / flops}
+
+
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--decode-step", action="store_true", help="one decoding step against its matmuls")
+    p.add_argument("--process", action="store_true", help="the whole only_eval process, cold and warm")
     p.add_argument("--shapes", default="tiny", choices=["tiny", "gpt2", "both"])
     p.add_argument("--questions", type=int, default=32, help="batch size of the batched run")
     p.add_argument("--singles", type=int, default=2, help="questions timed one at a time")
     p.add_argument("--new-tokens", type=int, default=12, help="~ a ProsQA answer: '### Rex is a derpus.'")
     a = p.parse_args()
-    names = ["tiny", "gpt2"] if a.shapes == "both" else [a.shapes]
     result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend()}
+    if a.decode_step:
+        result["decode_step"] = bench_decode_step()
+        print(json.dumps(result, indent=1))
+        return
+    if a.process:
+        result["only_eval_process"] = bench_process(a.questions if a.questions != 32 else 200, a.singles)
+        print(json.dumps(result, indent=1))
+        return
+    names = ["tiny", "gpt2"] if a.shapes == "both" else [a.shapes]
     for name in names:
         result[name] = bench_shape(SHAPES[name], a.questions, a.singles, a.new_tokens)
     print(json.dumps(result, indent=1))

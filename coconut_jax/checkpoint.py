@@ -14,6 +14,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from coconut_jax.files import write_atomic
+
 BEST_FILE = "best.json"
 
 
@@ -72,10 +74,7 @@ class Checkpoints:
         """Names `step` in best.json (process 0 writes; atomic, so a reader never sees half a file)."""
         if not self.main:
             return
-        tmp = os.path.join(self.dir, f"{BEST_FILE}.{os.getpid()}.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"step": step, "acc": acc}, f)
-        os.replace(tmp, os.path.join(self.dir, BEST_FILE))
+        write_atomic(os.path.join(self.dir, BEST_FILE), json.dumps({"step": step, "acc": acc}))
 
     def close(self) -> None:
         self.wait()

@@ -1,6 +1,9 @@
 """Coconut data: JSON records -> validated examples -> token ids -> per-stage sequences -> batches.
 
-Plain Python/NumPy (no JAX). Behaviour follows the reference implementation exactly
+Plain Python/NumPy (no JAX). Token ids live in flat arrays (`TokenizedSet`, memory-mapped
+from a verified cache), and an epoch's sequences are a few integers per record computed with
+NumPy, so a 385k-record set costs its tokens in int32 and no per-record Python objects.
+Behaviour follows the reference implementation exactly
 (see README "Faithfulness"): tokenization, the stage schedule, the latent/marker layout,
 labels, and the left padding that aligns the first latent of every row.
 """

@@ -58,12 +58,15 @@ def generate_predictions(model, params, examples, records, stage, cur, tokens, t
     Prompts that do not fit `context` with `max_new_tokens` are an error or left out (`overlong`)."""
     put = put or (lambda b: b.arrays())
     fits = None if context is None else fitting_prompts(examples, stage, cur, tokens, max_new_tokens, context, overlong)
+    # Every batch is dispatched before any result is read back, so the device decodes batch
+    # k+1 while the host turns batch k into text.
+    batches = prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits)
+    running = [coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
+                                n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
+                                feedback=cur.method == "coconut")
+               for batch, _ in batches]
     preds = []
-    for batch, prompts in progress(prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits),
-                                   desc=f"generate (stage {stage})"):
-        toks, kept = coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
-                                      n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
-                                      feedback=cur.method == "coconut")
+    for (batch, prompts), (toks, kept) in progress(list(zip(batches, running)), desc=f"generate (stage {stage})"):
         toks, kept = get(toks), get(kept)
         for r, prompt in enumerate(prompts):
             idx = int(batch.indices[r])

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 
+from coconut_jax.files import write_atomic
+
 
 def extract_answer(text: str) -> str:
     return text.split("#")[-1].replace(",", "").strip()
@@ -41,10 +43,7 @@ class MetricsSink:
             return
         with open(self.path) as f:
             lines = f.readlines()[:n]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(lines))
         self.count = len(lines)
 
     def log(self, event: dict) -> None:

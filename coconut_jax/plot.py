@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from coconut_jax.files import temporary_sibling
 from coconut_jax.metrics import read_metrics
 
 
@@ -22,8 +23,7 @@ def pyplot():
 def save_figure(fig, path: str, dpi: int = 110) -> str:
     """Saves through a temporary sibling and a rename, so a reader never sees half a PNG."""
     fig.tight_layout()
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.{os.getpid()}.tmp{ext}"
+    tmp = temporary_sibling(path)
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     pyplot().close(fig)

@@ -34,7 +34,7 @@ def _is_current(root: str, settings: dict) -> bool:
 
 def build(c, root: str) -> None:
     from coconut_jax import tiny
-    from coconut_jax.rundir import write_atomic
+    from coconut_jax.files import write_atomic
     from data_prep import prosqa_generator
     from data_prep.common import write_json
     p = c.prepare

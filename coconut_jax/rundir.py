@@ -21,6 +21,7 @@ import json
 import os
 
 from coconut_jax import checkpoint
+from coconut_jax.files import write_atomic
 from coconut_jax.data import LATENT_METHODS
 
 RUN_FILE = "run.json"
@@ -53,14 +54,6 @@ def identity(c) -> dict:
     """What defines the run configured by `c` (see TRAIN_FIELDS / EVAL_FIELDS)."""
     fields = EVAL_FIELDS if c.only_eval else TRAIN_FIELDS
     return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes `path` through a temporary sibling and a rename: readers see the old or the new file."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def differences(old: dict, new: dict) -> list[str]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, hf, prepare, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, files, hf, prepare, rundir, sharding, steps
 from coconut_jax.metrics import MetricsSink, stage_table
 from coconut_jax.models.gpt2 import GPT2Model
 
@@ -129,10 +129,11 @@ class Trainer:
     def _put(self, batch):
         return sharding.put_batch(self.mesh, batch.arrays())
 
-    def _plan(self, examples, stage, epoch, shuffle=True):
+    def _plan(self, examples, stage, epoch, shuffle=True, static_shapes=None):
+        static = self.c.static_shapes if static_shapes is None else static_shapes
         return data.EpochPlan(examples, self.cur, self.tokens, stage, self.c.seed, epoch, self.micro,
                               self.c.pad_to_multiple, self.model.config.n_positions, self.c.overlong, shuffle,
-                              self.c.static_shapes, jax.process_index(), jax.process_count())
+                              static, jax.process_index(), jax.process_count())
 
     # -- loop -----------------------------------------------------------------------------
     def run(self):
@@ -236,13 +237,14 @@ class Trainer:
         c = self.c
         out = {"step": self.step, "epoch": self.epoch + 1, "stage": stage}
         if eval_loss:
-            plan = self._plan(self.val_examples, stage, self.epoch, shuffle=False)
-            total, count = 0.0, 0.0
-            for batch in self._progress(plan.batches(), desc="val loss", total=len(plan)):
-                s, n = steps.eval_loss_terms(self.model, self.state.params, self._put(batch),
-                                             prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                             feedback=self.feedback, loss_chunk=c.loss_chunk)
-                total, count = total + float(s), count + float(n)
+            # One shape for the whole validation set (one program per stage); the sums stay on
+            # the device until the end.
+            plan = self._plan(self.val_examples, stage, self.epoch, shuffle=False, static_shapes=True)
+            terms = [steps.eval_loss_terms(self.model, self.state.params, self._put(batch),
+                                           prefix_len=batch.prefix_len, n_latent=batch.n_latent,
+                                           feedback=self.feedback, loss_chunk=c.loss_chunk)
+                     for batch in self._progress(plan.batches(), desc="val loss", total=len(plan))]
+            total, count = (float(x) for x in np.sum(jax.device_get(terms), axis=0)) if terms else (0.0, 0.0)
             out["eval/loss"] = total / max(count, 1.0)
         one_process = jax.process_count() == 1
         preds = evaluate.generate_predictions(
@@ -258,7 +260,7 @@ class Trainer:
             out["eval/skipped"] = summary["skipped"]
         if self.main:
             if self.writes:
-                rundir.write_atomic(os.path.join(self.run_dir, f"predictions_epoch{self.epoch + 1}.jsonl"),
+                files.write_atomic(os.path.join(self.run_dir, f"predictions_epoch{self.epoch + 1}.jsonl"),
                                     "".join(json.dumps(p.to_json()) + "\n" for p in preds))
             for p in preds[:c.print_examples]:
                 print(f"--- record {p.index} ({'correct' if p.correct else 'wrong'})\n{p.text}")

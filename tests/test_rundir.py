@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, hf, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, rundir, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Model
 
 
@@ -52,9 +52,22 @@ def test_claim_refuses_outputs_without_a_run_record(tmp_path):
 
 def test_write_atomic_leaves_no_temporary_file(tmp_path):
     path = str(tmp_path / "f.json")
-    rundir.write_atomic(path, "one")
-    rundir.write_atomic(path, "two")
+    files.write_atomic(path, "one")
+    files.write_atomic(path, "two")
     assert open(path).read() == "two" and os.listdir(tmp_path) == ["f.json"]
+
+
+def test_async_save_names_the_best_step_only_once_it_is_written(tmp_path, tiny_dir):
+    """best.json and the removal of superseded mid-epoch steps wait for the background write."""
+    config, params = hf.load_pretrained(tiny_dir)
+    state = steps.TrainState(GPT2Model(config), params, sharding.make_mesh(),
+                             steps.make_optimizer(config_lib.base_config()))
+    ck = checkpoint.Checkpoints(str(tmp_path / "checkpoints"))
+    ck.save(3, state.params, state.opt_state, {"step": 3}, end_of_epoch=False)
+    ck.save(5, state.params, state.opt_state, {"step": 5}, end_of_epoch=True, best_acc=0.5)
+    ck.close()
+    assert checkpoint.steps(ck.dir) == [5] and checkpoint.best_step(ck.dir) == 5
+    assert checkpoint.read_meta(ck.dir, 5)["end_of_epoch"] is True
 
 
 # -- weight sources -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +10,19 @@ from coconut_jax import config as config_lib, data, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
 from tests.conftest import ROOT, run_cli
+
+
+def test_compilation_cache_dir_precedence(monkeypatch):
+    c = config_lib.base_config()
+    c.cache_dir = "/c"
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert config_lib.compilation_cache_dir(c) == "/c/xla"
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/env")
+    assert config_lib.compilation_cache_dir(c) == "/env"
+    c.compilation_cache_dir = "/mine"
+    assert config_lib.compilation_cache_dir(c) == "/mine"
+    c.compilation_cache_dir = "none"
+    assert config_lib.compilation_cache_dir(c) is None
 
 
 def test_training_learns_and_logs(tiny_run):
@@ -65,6 +77,14 @@ def test_gradient_accumulation_equals_full_batch():
 
     g_full, l_full = mean_grad([list(range(8))])
     g_acc, l_acc = mean_grad([[0, 1, 2], [3, 4, 5, 6, 7]])
+    # The update hands back the accumulator zeroed, in its own buffers, ready for the next step.
+    acc = state.new_accumulator()
+    b = batch(list(range(8)))
+    acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
+                           n_latent=b.n_latent, feedback=True)
+    loss, acc = state.update(acc)
+    assert abs(float(loss) - float(l_full)) <= 1e-6 * abs(float(l_full))
+    assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(acc))
     # The halves hold different numbers of labelled tokens: a per-micro-batch mean would differ.
     counts = [sum(t != data.IGNORE for t in batch(r).labels[:, 1:].ravel()) for r in ([0, 1, 2], [3, 4, 5, 6, 7])]
     assert counts[0] != counts[1]
@@ -162,6 +182,9 @@ def test_yaml_errors(tmp_path):
     (dict(global_batch_size=10, gradient_accumulation_steps=4), "not divisible by gradient_accumulation_steps"),
     (dict(only_eval=True), "only_eval needs load_model_path"),
     (dict(wandb_mode="maybe"), "wandb_mode='maybe'"),
+    (dict(remat="some"), "remat='some' must be none, dots or full"),
+    (dict(log_every_steps=0), "log_every_steps=0 must be >= 1"),
+    (dict(loss_chunk=-1), "loss_chunk=-1 must be >= 0"),
 ])
 def test_bad_configs(tmp_path, override, message):
     c = config_lib.base_config()
