@@ -150,7 +150,6 @@ def bench_process(questions: int, singles: int) -> dict:
     import subprocess
     import sys
     from coconut_jax import hf, tiny
-    from coconut_jax.models.gpt2 import GPT2Model as Model
     from data_prep import prosqa_generator
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     work = "/tmp/coconut_eval_bench"
@@ -180,7 +179,7 @@ def bench_process(questions: int, singles: int) -> dict:
     tok = hf.load_tokenizer(model_dir)
     toks = hf.latent_tokens(tok)
     config, params = hf.add_latent_rows(config, params, tok)
-    model = Model(config)
+    model = GPT2Model(config)
     cur = data.Curriculum("coconut", 1, 6, 5)
     _, ts = data.load_dataset(val, tok)
     prompts = [data.eval_prompt(ts[i], 6, cur, toks) for i in range(singles)]

@@ -110,13 +110,18 @@ def reference_hidden(model: GPT2Model, params, arrays, feedback: bool = True):
     return model.body(params, embeds, pos, mask)[0]
 
 
-def token_nll(logits, labels):
-    """(sum of next-token negative log-likelihoods over labelled positions, their count)."""
-    logits, targets = logits[:, :-1], labels[:, 1:]
+def _nll_sums(logits, targets):
+    """(sum of the negative log-likelihoods of `targets` under `logits` where a target is
+    labelled, the number labelled); logits and targets already aligned."""
     valid = targets != IGNORE
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def token_nll(logits, labels):
+    """(sum of next-token negative log-likelihoods over labelled positions, their count)."""
+    return _nll_sums(logits[:, :-1], labels[:, 1:])
 
 
 def chunked_token_nll(model: GPT2Model, params, hidden, labels, chunk: int):
@@ -132,11 +137,7 @@ def chunked_token_nll(model: GPT2Model, params, hidden, labels, chunk: int):
 
     @jax.checkpoint
     def one(h_c, t_c):
-        logits = model.logits(params, h_c)
-        valid = t_c != IGNORE
-        picked = jnp.take_along_axis(logits, jnp.where(valid, t_c, 0)[..., None], axis=-1)[..., 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - picked
-        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+        return _nll_sums(model.logits(params, h_c), t_c)
 
     def step(carry, xs):
         s, c = one(*xs)

@@ -107,11 +107,6 @@ class TokenizedSet:
     def n_steps(self) -> np.ndarray:
         return np.diff(self.records) - 2
 
-    @property
-    def question_lens(self) -> np.ndarray:
-        first = self.records[:-1]
-        return self.pieces[first + 1] - self.pieces[first]
-
     def piece(self, j: int) -> tuple[int, ...]:
         return tuple(self.tokens[self.pieces[j]:self.pieces[j + 1]].tolist())
 
@@ -132,21 +127,29 @@ class TokenizedSet:
                             self.records[:n + 1])
 
     @classmethod
+    def from_parts(cls, parts: Sequence[tuple[np.ndarray, np.ndarray]], pieces_per_record: Sequence[int]):
+        """From `_pack`ed runs of pieces (tokens, piece lengths) and each record's piece count."""
+        tokens = np.concatenate([t for t, _ in parts] or [np.zeros(0, np.int32)])
+        lengths = np.concatenate([n for _, n in parts] or [np.zeros(0, np.int64)])
+        return cls(tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                   np.concatenate([[0], np.cumsum(pieces_per_record)]).astype(np.int64))
+
+    @classmethod
     def from_pieces(cls, per_record: Sequence[Sequence[Sequence[int]]]) -> "TokenizedSet":
         """From each record's pieces (question, steps..., answer)."""
-        flat = [p for r in per_record for p in r]
-        lengths = np.fromiter((len(p) for p in flat), np.int64, len(flat))
-        total = int(lengths.sum())
-        tokens = np.fromiter((t for p in flat for t in p), np.int32, total)
-        pieces = np.concatenate([[0], np.cumsum(lengths)])
-        records = np.concatenate([[0], np.cumsum([len(r) for r in per_record])]).astype(np.int64)
-        return cls(tokens, pieces, records)
+        return cls.from_parts([_pack([p for r in per_record for p in r])], [len(r) for r in per_record])
 
     @classmethod
     def from_examples(cls, examples: Sequence[Example]) -> "TokenizedSet":
         if isinstance(examples, TokenizedSet):
             return examples
         return cls.from_pieces([(e.question, *e.steps, e.answer) for e in examples])
+
+
+def _pack(pieces: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces of token ids -> (their tokens back to back as int32, each piece's length)."""
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    return np.fromiter(itertools.chain.from_iterable(pieces), np.int32, int(lengths.sum())), lengths
 
 
 def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
@@ -188,11 +191,8 @@ def tokenize_records(records: Sequence[dict], tokenizer, source: str = "<records
             ordered.append(answers[i] + [eos])
             counts.append(n + 2)
             k += n
-        lengths = np.fromiter(map(len, ordered), np.int64, len(ordered))
-        parts.append((np.fromiter(itertools.chain.from_iterable(ordered), np.int32, int(lengths.sum())), lengths))
-    tokens = np.concatenate([p[0] for p in parts] or [np.zeros(0, np.int32)])
-    pieces = np.concatenate([[0], np.cumsum(np.concatenate([p[1] for p in parts] or [np.zeros(0, np.int64)]))])
-    out = TokenizedSet(tokens, pieces.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+        parts.append(_pack(ordered))
+    out = TokenizedSet.from_parts(parts, counts)
     if records:
         _check_concatenation(records[0], out[0], tokenizer, source)
     return out
@@ -422,10 +422,6 @@ class Batch:
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "position_ids", "labels", "latent_mask")}
 
-    def rows(self, start: int, stop: int) -> "Batch":
-        """A slice of rows with the same static shape parameters (a host's share)."""
-        return dataclasses.replace(self, **{k: v[start:stop] for k, v in self.arrays().items()},
-                                   indices=self.indices[start:stop])
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -557,19 +553,18 @@ class EpochPlan:
         return ids, labels
 
     def batch(self, k: int) -> Batch:
-        rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
-        prefix, lefts, width = _layout(self._lengths[rows], self._firsts[rows], self.multiple,
+        batch_rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
+        prefix, lefts, width = _layout(self._lengths[batch_rows], self._firsts[batch_rows], self.multiple,
                                        self._min_prefix, self._min_width)
         share = self.batch_size // self.num_hosts
         mine = slice(self.host * share, (self.host + 1) * share)
-        rows, lefts = rows[mine], lefts[mine]
+        rows, lefts = batch_rows[mine], lefts[mine]
         input_ids, attention, positions, labels = _empty_batch(share, width, self.tokens.pad)
         for r, (i, left) in enumerate(zip(rows.tolist(), lefts.tolist())):
             ids, lab = self.sequence(i)
             input_ids[r, left:left + len(ids)] = ids
             labels[r, left:left + len(ids)] = lab
-        all_rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
-        n_latent = int(self._n_latent[all_rows].max(initial=0)) if self.cur.markers else 0
+        n_latent = int(self._n_latent[batch_rows].max(initial=0)) if self.cur.markers else 0
         return _finish(input_ids, attention, positions, labels, lefts, self._lengths[rows], rows, share,
                        self.tokens.latent, prefix, n_latent)
 

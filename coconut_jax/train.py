@@ -29,12 +29,7 @@ class Trainer:
     def __init__(self, c, writes: bool = True):
         config_lib.validate(c)
         start_distributed(c)
-        cache = config_lib.compilation_cache_dir(c)
-        if cache:  # before anything compiles
-            jax.config.update("jax_compilation_cache_dir", cache)
-            if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-                # Every program, not only those over JAX's default 1 s: a restart compiles nothing.
-                jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        use_compilation_cache(c)
         self.c, self.writes = c, writes
         self.main = jax.process_index() == 0
         self.run_dir = os.path.join(c.save_path, c.name)
@@ -278,6 +273,17 @@ def start_distributed(c) -> None:
         raise config_lib.ConfigError(f"distributed start-up: environment variable {e.args[0]} is not set") from e
     except ValueError as e:
         raise config_lib.ConfigError(f"distributed start-up: {e}") from e
+
+
+def use_compilation_cache(c) -> None:
+    """Turns on the persistent XLA cache (`compilation_cache_dir`); called before anything compiles."""
+    cache = config_lib.compilation_cache_dir(c)
+    if not cache:
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        # Every program, not only those over JAX's default 1 s: a restart compiles nothing.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def quiet_libraries():

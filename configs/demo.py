@@ -8,7 +8,7 @@ the published setting. The model starts with a fact-lookup circuit wired into it
 (`prepare.induction_heads`, see `coconut_jax/induction.py`): from GPT-2's random init that circuit
 takes far longer to grow than the demo's budget, and without it the demo ends near chance.
 """
-from coconut_jax.config import base_config
+from coconut_jax.config import base_config, small_model_on_cpu
 
 
 def get_config():
@@ -32,10 +32,7 @@ def get_config():
     c.print_examples = 1
     c.pad_to_multiple = 32
     c.static_shapes = True
-    # A 2-layer model on CPU: the memory/compile-time forms (scanned layers, XLA's fused
-    # attention, the chunked loss) cost 15-35% per step here and save nothing that matters
-    # (README "Speed and memory settings"); the published configs keep them.
-    c.scan_layers, c.fused_attention, c.loss_chunk = False, False, 0
+    small_model_on_cpu(c)
     c.model_id = ""
     c.prepare.kind = "synthetic_prosqa"
     c.prepare.train = 6000

@@ -1,5 +1,5 @@
 """A seconds-long run for tests and smoke checks: generated ProsQA-style data, a 1-layer GPT-2."""
-from coconut_jax.config import base_config
+from coconut_jax.config import base_config, small_model_on_cpu
 
 
 def get_config():
@@ -18,10 +18,7 @@ def get_config():
     c.print_examples = 0
     c.pad_to_multiple = 16
     c.static_shapes = True
-    # A 2-layer model on CPU: the memory/compile-time forms (scanned layers, XLA's fused
-    # attention, the chunked loss) cost 15-35% per step here and save nothing that matters
-    # (README "Speed and memory settings"); the published configs keep them.
-    c.scan_layers, c.fused_attention, c.loss_chunk = False, False, 0
+    small_model_on_cpu(c)
     c.model_id = ""
     c.prepare.kind = "synthetic_prosqa"
     c.prepare.train = 32
