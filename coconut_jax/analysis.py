@@ -166,8 +166,8 @@ def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) 
                 f"{cm.concepts[i]} (dist {dist.get(i, '-')}) {cm.normalised[k, i]:.2f}" for i in best))
         result["concept_plot"] = plot_concept_mass(cm, dist, os.path.join(out_dir, f"concepts_q{question}.png"))
     acc = accuracy_by_thoughts(trainer.model, trainer.params, trainer.val_examples, trainer.val_records, cur, tokens,
-                               tok, max_k=max_k, batch_size=trainer.c.eval_batch_size, max_new_tokens=trainer.max_new,
-                               multiple=trainer.c.pad_to_multiple)
+                               tok, max_k=max_k, batch_size=trainer.eval_rows, max_new_tokens=trainer.max_new,
+                               multiple=trainer.c.eval_pad_to_multiple)
     print("accuracy by thoughts at inference: " + ", ".join(f"k={k}: {a:.3f}" for k, a in acc.items()))
     result["accuracy_by_k"] = acc
     result["accuracy_plot"] = plot_accuracy_by_thoughts(acc, os.path.join(out_dir, "accuracy_by_k.png"))

@@ -26,17 +26,28 @@ class Prediction:
                 "thoughts": self.thoughts}
 
 
+def batch_rows(n: int, batch_size: int, row_multiple: int = 1) -> int:
+    """Rows per evaluation batch: as few batches as `batch_size` allows, with the questions
+    spread evenly over them (200 at 64 a batch: 4 x 56 rows, not 3 x 64 and a 64-row batch
+    holding 8), rounded up to `row_multiple` (the devices the rows are split over)."""
+    batches = max(1, -(-n // batch_size))
+    return min(batch_size, data.round_up(max(1, -(-n // batches)), row_multiple))
+
+
 def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curriculum, tokens, batch_size: int,
-                   multiple: int, fits: np.ndarray | None = None) -> list[tuple[data.Batch, list[list[int]]]]:
-    """Evaluation prompts grouped by length (less padding), as fixed-shape batches; `fits`
-    (a mask over `examples`) leaves out prompts that do not fit the context."""
+                   multiple: int, fits: np.ndarray | None = None,
+                   row_multiple: int = 1) -> list[tuple[data.Batch, list[list[int]]]]:
+    """Evaluation prompts grouped by length (less padding), as batches of one row count
+    (`batch_rows`) whose lengths are padded to `multiple`; `fits` (a mask over `examples`)
+    leaves out prompts that do not fit the context."""
     prompts = [data.eval_prompt(e, stage, cur, tokens) for e in examples]
     order = sorted((i for i in range(len(examples)) if fits is None or fits[i]), key=lambda i: (len(prompts[i]), i))
+    size = batch_rows(len(order), batch_size, row_multiple)
     out = []
-    for s in range(0, len(order), batch_size):
-        rows = order[s:s + batch_size]
+    for s in range(0, len(order), size):
+        rows = order[s:s + size]
         batch = data.collate([(prompts[i], None) for i in rows], [examples[i].idx for i in rows],
-                             latent_id=tokens.latent, pad_id=tokens.pad, batch_size=batch_size, multiple=multiple)
+                             latent_id=tokens.latent, pad_id=tokens.pad, batch_size=size, multiple=multiple)
         out.append((batch, [prompts[i] for i in rows]))
     return out
 
@@ -50,17 +61,19 @@ def fitting_prompts(examples, stage, cur, tokens, max_new_tokens: int, context: 
 
 
 def generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, *, batch_size: int,
-                         max_new_tokens: int, multiple: int = 32, context: int | None = None, overlong: str = "error",
+                         max_new_tokens: int, multiple: int = 32, row_multiple: int = 1, context: int | None = None,
+                         overlong: str = "error",
                          put: Callable = None, get: Callable = np.asarray,
                          progress: Callable = lambda it, **kw: it) -> list[Prediction]:
     """Greedy answers for `examples` at `stage`, scored against their records (SPEC §6).
 
-    Prompts that do not fit `context` with `max_new_tokens` are an error or left out (`overlong`)."""
+    Prompts that do not fit `context` with `max_new_tokens` are an error or left out (`overlong`);
+    batches hold at most `batch_size` rows, a multiple of `row_multiple`."""
     put = put or (lambda b: b.arrays())
     fits = None if context is None else fitting_prompts(examples, stage, cur, tokens, max_new_tokens, context, overlong)
     # Every batch is dispatched before any result is read back, so the device decodes batch
     # k+1 while the host turns batch k into text.
-    batches = prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits)
+    batches = prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits, row_multiple)
     running = [coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
                                 n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
                                 feedback=cur.method == "coconut")

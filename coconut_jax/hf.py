@@ -177,12 +177,46 @@ def load_pretrained(model_id: str) -> tuple[GPT2Config, Params]:
     return config, state_dict_to_params(read_state_dict(model_dir), config, model_dir)
 
 
-def load_tokenizer(model_id: str):
-    """AutoTokenizer with pad = eos and the three latent tokens (added only when absent)."""
-    from transformers import AutoTokenizer
-    model_dir = resolve_model_dir(model_id)
+# Tokenizer classes by `model_type`, for checkpoints whose tokenizer_config.json names none
+# (the hub's GPT-2); the mapping AutoTokenizer would consult lives beside the torch import.
+_TOKENIZER_BY_MODEL_TYPE = {"gpt2": "GPT2Tokenizer"}
+
+
+def _read_json_field(path: str, field: str):
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f).get(field)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value.isidentifier() else None
+
+
+def _tokenizer_class(model_dir: str):
+    """The class AutoTokenizer picks for `model_dir` (its fast form first, as AutoTokenizer
+    does), imported on its own: AutoTokenizer's module imports torch when it is installed,
+    a second of every start. None: ask AutoTokenizer."""
+    import transformers
+    name = (_read_json_field(os.path.join(model_dir, "tokenizer_config.json"), "tokenizer_class")
+            or _TOKENIZER_BY_MODEL_TYPE.get(_read_json_field(os.path.join(model_dir, "config.json"), "model_type")))
+    if name is None:
+        return None
+    for candidate in ((name,) if name.endswith("Fast") else (name + "Fast", name)):
+        try:
+            return getattr(transformers, candidate)
+        except (AttributeError, ImportError):
+            continue
+    return None
+
+
+def load_tokenizer(model_id: str):
+    """The checkpoint's tokenizer (AutoTokenizer's choice) with pad = eos and the three latent
+    tokens (added only when absent)."""
+    model_dir = resolve_model_dir(model_id)
+    cls = _tokenizer_class(model_dir)
+    if cls is None:
+        from transformers import AutoTokenizer as cls
+    try:
+        tok = cls.from_pretrained(model_dir)
     except Exception as e:
         raise CheckpointError(f"{model_dir}: no usable tokenizer ({type(e).__name__}: {e})") from e
     tok.pad_token = tok.eos_token

@@ -57,6 +57,7 @@ class Trainer:
         self.val_records, self.val_examples = data.load_dataset(c.val_path, self.tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir)
         self.train_examples = [] if c.only_eval else data.load_dataset(
             c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir, with_records=False)[1]
+        self.eval_rows = config_lib.eval_rows(c.eval_batch_size, jax.default_backend())
         self.max_new = c.max_new_tokens or (64 if "gsm" in os.path.basename(c.val_path) else 128)
         self.step, self.epoch, self.batch_in_epoch, self.best_acc = 0, c.resume, 0, None
         self.sink = MetricsSink(os.path.join(self.run_dir, "metrics.jsonl"), self._wandb(), enabled=self.main and writes)
@@ -134,7 +135,7 @@ class Trainer:
     def run(self):
         c = self.c
         if c.only_eval:
-            return self.evaluate(self.cur.stage(c.resume), eval_loss=True)
+            return self.evaluate(self.cur.stage(c.resume), eval_loss=c.only_eval_loss)
         result = {}
         while self.epoch < c.num_epochs and not self.stopped:
             result = self.train_epoch()
@@ -245,8 +246,8 @@ class Trainer:
         preds = evaluate.generate_predictions(
             self.model, self.state.params, self.val_examples, self.val_records, stage, self.cur, self.tokens, self.tok,
             # Sharded over this host's devices: batches padded to a multiple of them with unscored filler rows.
-            batch_size=data.round_up(c.eval_batch_size, self.data_devices if one_process else 1),
-            max_new_tokens=self.max_new, multiple=c.pad_to_multiple, context=self.model.config.n_positions,
+            batch_size=data.round_up(self.eval_rows, self.data_devices if one_process else 1),
+            row_multiple=self.data_devices if one_process else 1, max_new_tokens=self.max_new, multiple=c.eval_pad_to_multiple, context=self.model.config.n_positions,
             overlong=c.overlong, put=self._put if one_process else (lambda b: b.arrays()),
             get=sharding.gather, progress=self._progress)
         summary = evaluate.summarize(preds, len(self.val_examples))

@@ -20,7 +20,6 @@ def get_config():
     c.epochs_per_stage = 3
     c.num_epochs = 12
     c.global_batch_size = 16
-    c.eval_batch_size = 100
     c.max_new_tokens = 40  # a written chain of 2-3 steps and the answer fit in ~30 tokens
     c.lr = 5e-4
     c.weight_decay = 0.01

@@ -73,7 +73,7 @@ def test_frontier_nodes_are_distances_from_the_person():
 def test_accuracy_by_thoughts_matches_the_training_evaluation(trained, tiny_run):
     t = trained
     acc = analysis.accuracy_by_thoughts(t.model, t.params, t.val_examples, t.val_records, t.cur, t.tokens, t.tok,
-                                        max_k=2, batch_size=t.c.eval_batch_size, max_new_tokens=t.max_new,
+                                        max_k=2, batch_size=t.eval_rows, max_new_tokens=t.max_new,
                                         multiple=t.c.pad_to_multiple)
     assert sorted(acc) == [0, 1, 2] and all(0.0 <= a <= 1.0 for a in acc.values())
     final = [e for e in read_metrics(os.path.join(tiny_run, "metrics.jsonl")) if "eval/acc" in e][-1]

@@ -53,8 +53,9 @@ def small_demo(tmp_path_factory):
 
 
 def test_demo_on_8_devices_equals_one(small_demo, tmp_path):
-    """eval_batch_size=100 is not divisible by 8: evaluation pads with unscored rows."""
-    run_cli(tmp_path, *SMALL, "--config.mesh.data=4", "--config.mesh.fsdp=2", config="configs/demo.py",
+    """eval_batch_size=12 is not divisible by 8: evaluation pads with unscored rows."""
+    run_cli(tmp_path, *SMALL, "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.eval_batch_size=12",
+            config="configs/demo.py",
             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert_first_epochs_match(small_demo, tmp_path / "demo", ("train/loss", "eval/loss", "eval/acc"))
 

@@ -16,18 +16,25 @@ def setup(tiny_dir):
     return GPT2Model(config), params, tok, hf.latent_tokens(tok), examples
 
 
-def _predict(setup, batch_size, context, overlong="error"):
+def _predict(setup, batch_size, context, overlong="error", row_multiple=1):
     model, params, tok, tokens, examples = setup
     cur = data.Curriculum("coconut", 1, 2, 1)
     return evaluate.generate_predictions(model, params, examples, SAMPLE_RECORDS, 2, cur, tokens, tok,
                                          batch_size=batch_size, max_new_tokens=4, multiple=8, context=context,
-                                         overlong=overlong)
+                                         overlong=overlong, row_multiple=row_multiple)
 
 
 def test_filler_rows_are_not_scored(setup):
-    """Four questions in batches of 3 (one filler-padded batch) or of 8: the same predictions."""
-    a, b = _predict(setup, 3, 128), _predict(setup, 8, 128)
+    """Four questions in two batches of 3 rows (2 + 1 filler each) or one of 4: the same predictions."""
+    a, b = _predict(setup, 3, 128, row_multiple=3), _predict(setup, 8, 128)
     assert [p.index for p in a] == [0, 1, 2, 3] and [p.text for p in a] == [p.text for p in b]
+
+
+@pytest.mark.parametrize("n, size, multiple, rows", [
+    (200, 64, 1, 50), (200, 64, 8, 56), (192, 64, 1, 64), (8, 64, 1, 8), (9, 8, 1, 5), (9, 8, 4, 8), (1, 64, 8, 8),
+    (0, 64, 1, 1)])
+def test_questions_spread_evenly_over_the_fewest_batches(n, size, multiple, rows):
+    assert evaluate.batch_rows(n, size, multiple) == rows
 
 
 def test_prompt_that_does_not_fit_the_context_is_an_error_or_skipped(setup):

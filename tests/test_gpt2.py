@@ -1,4 +1,10 @@
 """Flax GPT-2 against transformers' PyTorch GPT2LMHeadModel (the reference)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -188,6 +194,29 @@ def test_latent_tokens_ids_and_rows(tiny_dir):
     np.testing.assert_array_equal(params2["wte"][:base], params["wte"])
     # A model that already has the latent tokens (an exported Coconut model) is used as it is.
     assert hf.add_latent_rows(config2, params2, tok)[1] is params2
+
+
+def _without_tokenizer_class(src, dst):
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "tokenizer_config.json")
+    cfg = json.load(open(path))
+    del cfg["tokenizer_class"]  # as the hub's GPT-2: the class comes from config.json's model_type
+    json.dump(cfg, open(path, "w"))
+    return str(dst)
+
+
+def test_tokenizer_is_autotokenizers_choice_without_importing_torch(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+    text = "Every wumpus is a yumpus.\nTom is a wumpus. ### Tom is a yumpus."
+    for d in (tiny_dir, _without_tokenizer_class(tiny_dir, tmp_path / "no_class")):
+        ours, auto = hf.load_tokenizer(d), AutoTokenizer.from_pretrained(d)
+        assert type(ours) is type(auto)
+        assert ours(text)["input_ids"] == auto(text)["input_ids"] and ours.eos_token_id == auto.eos_token_id
+    # AutoTokenizer's module imports torch (a second of every start); loading ours does not.
+    code = f"import sys; from coconut_jax import hf; hf.load_tokenizer({str(tiny_dir)!r}); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "False"
 
 
 def test_exported_coconut_model_keeps_its_latent_tokens(tiny_dir, tmp_path):

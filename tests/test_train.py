@@ -39,7 +39,7 @@ def test_training_learns_and_logs(tiny_run):
 
 def test_only_eval_reproduces_the_final_evaluation(tiny_run, tmp_path):
     last = max(int(n) for n in os.listdir(os.path.join(tiny_run, "checkpoints")) if n.isdigit())
-    run_cli(tmp_path, "--config.only_eval=True", "--config.resume=2",
+    run_cli(tmp_path, "--config.only_eval=True", "--config.resume=2", "--config.only_eval_loss=True",
             f"--config.load_model_path={tiny_run}/checkpoints/{last}",
             "--config.prepare.kind=", f"--config.val_path={tiny_run}/prepared/prosqa_valid.json",
             f"--config.model_id={tiny_run}/prepared/model")
@@ -202,7 +202,7 @@ def test_bad_configs(tmp_path, override, message):
     (("--config.lrr=0.1",), "error: config: unknown field --config.lrr; did you mean --config.lr?"),
     (("--config.lr=fast",), "error: config: flag --config.lr=fast: could not convert string to float"),
     (("--config.mesh.data=3",), "error: config: mesh data=3 x fsdp=1 x tensor=1 != 1 devices"),
-    (("--config.eval_batch_size=0",), "error: config: eval_batch_size=0 must be >= 1"),
+    (("--config.eval_batch_size=-1",), "error: config: eval_batch_size=-1 must be >= 0 (0: chosen by device)"),
     (("--config.global_batch_size=6",), "error: config: micro-batch (global_batch_size / gradient_accumulation_steps = 6) is not divisible by the 4"),
 ])
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
