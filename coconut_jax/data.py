@@ -423,7 +423,6 @@ class Batch:
         return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "position_ids", "labels", "latent_mask")}
 
 
-
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n
 

@@ -27,11 +27,13 @@ class Prediction:
 
 
 def batch_rows(n: int, batch_size: int, row_multiple: int = 1) -> int:
-    """Rows per evaluation batch: as few batches as `batch_size` allows, with the questions
-    spread evenly over them (200 at 64 a batch: 4 x 56 rows, not 3 x 64 and a 64-row batch
-    holding 8), rounded up to `row_multiple` (the devices the rows are split over)."""
-    batches = max(1, -(-n // batch_size))
-    return min(batch_size, data.round_up(max(1, -(-n // batches)), row_multiple))
+    """Rows per evaluation batch: as few batches as `batch_size` (rounded up to `row_multiple`,
+    the devices the rows are split over) allows, with the questions spread evenly over them
+    (200 at 64 a batch: 4 x 56 rows, not 3 x 64 and a 64-row batch holding 8), rounded up to
+    `row_multiple`."""
+    cap = data.round_up(batch_size, row_multiple)
+    batches = max(1, -(-n // cap))
+    return data.round_up(max(1, -(-n // batches)), row_multiple)
 
 
 def prompt_batches(examples: Sequence[data.Example], stage: int, cur: data.Curriculum, tokens, batch_size: int,
@@ -68,7 +70,7 @@ def generate_predictions(model, params, examples, records, stage, cur, tokens, t
     """Greedy answers for `examples` at `stage`, scored against their records (SPEC §6).
 
     Prompts that do not fit `context` with `max_new_tokens` are an error or left out (`overlong`);
-    batches hold at most `batch_size` rows, a multiple of `row_multiple`."""
+    batches hold at most `batch_size` rows rounded up to a multiple of `row_multiple`."""
     put = put or (lambda b: b.arrays())
     fits = None if context is None else fitting_prompts(examples, stage, cur, tokens, max_new_tokens, context, overlong)
     # Every batch is dispatched before any result is read back, so the device decodes batch

@@ -176,7 +176,9 @@ class Trainer:
         c, epoch = self.c, self.epoch
         accum = c.gradient_accumulation_steps
         starts = list(range(self.batch_in_epoch, len(plan), accum))
-        micro_batches = [k for s in starts for k in range(s, min(s + accum, len(plan)))]
+
+        def micro(start):  # the micro-batches of the optimizer step starting at `start`
+            return range(start, min(start + accum, len(plan)))
 
         def make(k):
             batch = plan.batch(k)
@@ -185,10 +187,10 @@ class Trainer:
         bar = self._progress(starts, desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}", total=len(starts))
         self._epoch_clock = (time.time(), 0)
         acc = self.state.new_accumulator()
-        with feed.Prefetch(make, micro_batches, depth=c.prefetch_batches) as batches:
+        with feed.Prefetch(make, (k for s in starts for k in micro(s)), depth=c.prefetch_batches) as batches:
             for start in bar:
                 tokens = 0
-                for k in range(start, min(start + accum, len(plan))):
+                for k in micro(start):
                     batch, arrays, n = next(batches)
                     tokens += n
                     acc = steps.accumulate(self.model, self.state.params, acc, arrays,
@@ -197,7 +199,7 @@ class Trainer:
                                            feedback=self.feedback, loss_chunk=c.loss_chunk)
                 loss, acc = self.state.update(acc)
                 self.step += 1
-                self.batch_in_epoch = min(start + accum, len(plan))
+                self.batch_in_epoch = micro(start).stop
                 self._pending.append({"step": self.step, "epoch": epoch + 1, "stage": stage, "train/loss": loss,
                                       "tokens": tokens})
                 if len(self._pending) >= c.log_every_steps:
@@ -246,8 +248,8 @@ class Trainer:
         preds = evaluate.generate_predictions(
             self.model, self.state.params, self.val_examples, self.val_records, stage, self.cur, self.tokens, self.tok,
             # Sharded over this host's devices: batches padded to a multiple of them with unscored filler rows.
-            batch_size=data.round_up(self.eval_rows, self.data_devices if one_process else 1),
-            row_multiple=self.data_devices if one_process else 1, max_new_tokens=self.max_new, multiple=c.eval_pad_to_multiple, context=self.model.config.n_positions,
+            batch_size=self.eval_rows, row_multiple=self.data_devices if one_process else 1,
+            max_new_tokens=self.max_new, multiple=c.eval_pad_to_multiple, context=self.model.config.n_positions,
             overlong=c.overlong, put=self._put if one_process else (lambda b: b.arrays()),
             get=sharding.gather, progress=self._progress)
         summary = evaluate.summarize(preds, len(self.val_examples))
