@@ -1,18 +1,23 @@
 """The compiled training step: compile time, XLA's temporary memory, and time per step, for
 the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
-    python benchmarks/train_step.py [--shapes tiny|gpt2] [--batch B --length T] [--bf16]
-                                    [--time] [--repeats 5] [--modes before,after,after_remat]
+    python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b] [--batch B --length T] [--bf16]
+                                    [--param-dtype bfloat16] [--time] [--repeats 5]
+                                    [--modes before,after,after_remat]
 
-Modes (one GPT-2, the same computation):
+Shapes: `tiny` and `llama_tiny` run on 2 CPU cores (a 2-layer GPT-2; a 2-layer Llama with
+grouped-query attention, RoPE with llama3 scaling and an untied head); `gpt2` is GPT-2 small,
+`llama1b` Llama-3.2-1B (batch 8 x 512; compile only, for its memory, on a small machine).
+Modes (one model, the same computation):
   before       layers a Python loop, per-segment attention, the loss over full f32 logits
   after        layers one lax.scan, jax.nn.dot_product_attention where no attention dropout
                applies, the loss 128 positions at a time (no [B,T,V] logits)
   after_remat  `after` with every layer rematerialised in the backward pass ("full")
 Each step is loss + gradient + AdamW on one batch (dropout on, as in training, unless
 --no-dropout: attention dropout keeps the per-segment attention, so --no-dropout shows the
-fused kernel). Compilation uses abstract params, so GPT-2-small shapes compile on a small
-machine; `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
+fused kernel). Compilation uses abstract params, so GPT-2-small and 1B shapes compile on a small
+machine, and reports XLA's memory for the step: arguments (params, optimizer state, batch),
+temporaries and the total live at once (outputs reuse the donated params and state); `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
 and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
 Prints one JSON object.
 """
@@ -28,13 +33,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coconut_jax import coconut, data
-from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+from coconut_jax import coconut, data, models
+from coconut_jax.models.gpt2 import GPT2Config
+from coconut_jax.models.llama import LlamaConfig
 
 SHAPES = {
     "tiny": dict(config=GPT2Config(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4), batch=8,
                  length=256),
     "gpt2": dict(config=GPT2Config(vocab_size=50260), batch=32, length=512),
+    "llama_tiny": dict(config=LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                          max_position_embeddings=512, tie_word_embeddings=False,
+                                          rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0),
+                                                        ("low_freq_factor", 1.0),
+                                                        ("original_max_position_embeddings", 64))),
+                       batch=8, length=256),
+    "llama1b": dict(config=LlamaConfig(vocab_size=128259), batch=8, length=512),  # + the 3 latent tokens
 }
 MODES = {
     "before": dict(model=dict(scan_layers=False, fused_attention=False), loss_chunk=0),
@@ -72,10 +86,20 @@ def step_fn(model, tx, b, loss_chunk, feedback):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def model_flops(cfg: GPT2Config, tokens: int, length: int) -> float:
-    """6 x (non-embedding + tied head) params x tokens + the attention matmuls (PaLM's count)."""
-    n = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
-    return 6.0 * n * tokens + 12.0 * cfg.n_layer * cfg.n_embd * length * tokens
+def model_flops(model, tokens: int, length: int) -> float:
+    """6 x (the params matmuls use: all but the position table, and the input embedding
+    counted once, as the head) x tokens + the attention matmuls (PaLM's count)."""
+    shapes = model.param_shapes()
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    n -= int(np.prod(shapes["wpe"].shape)) if "wpe" in shapes else 0
+    n -= int(np.prod(shapes["wte"].shape)) if "lm_head" in shapes else 0
+    cfg = model.config
+    width = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", 0) or cfg.n_embd
+    return 6.0 * n * tokens + 12.0 * cfg.n_layer * width * length * tokens
+
+
+def gib(n: int) -> float:
+    return round(n / 2 ** 30, 3)
 
 
 def peak_flops(kind: str) -> float | None:
@@ -87,7 +111,9 @@ def main():
     p.add_argument("--shapes", default="tiny", choices=list(SHAPES))
     p.add_argument("--batch", type=int)
     p.add_argument("--length", type=int)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 compute")
+    p.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="how params and optimizer state are stored")
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--time", action="store_true", help="also run the steps (allocates params and batches)")
     p.add_argument("--repeats", type=int, default=5)
@@ -97,16 +123,18 @@ def main():
     spec = SHAPES[a.shapes]
     cfg = spec["config"]
     if a.no_dropout:
-        cfg = dataclasses.replace(cfg, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+        drop = ("embd_pdrop", "attn_pdrop", "resid_pdrop") if isinstance(cfg, GPT2Config) else ("attention_dropout",)
+        cfg = dataclasses.replace(cfg, **{k: 0.0 for k in drop})
     batch, length = a.batch or spec["batch"], a.length or spec["length"]
     dtype = jnp.bfloat16 if a.bf16 else jnp.float32
     tx = optax.adamw(1e-4, weight_decay=0.01)
-    abstract = GPT2Model(cfg).param_shapes()
+    abstract = models.build(cfg).param_shapes(a.param_dtype)
     abstract_opt = jax.eval_shape(tx.init, abstract)
     kind = jax.devices()[0].device_kind
     out = {"device": kind, "backend": jax.default_backend(), "shape": a.shapes, "batch": batch, "length": length,
-           "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "dtype": jnp.dtype(dtype).name,
-           "dropout": not a.no_dropout}
+           "family": models.model_type(cfg), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
+           "params_m": round(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) / 1e6, 1),
+           "dtype": jnp.dtype(dtype).name, "param_dtype": a.param_dtype, "dropout": not a.no_dropout}
     compiled, batches = {}, {}
     for n in (int(x) for x in a.thoughts.split(",")):
         b = make_batch(batch, length, n, cfg.vocab_size)
@@ -114,7 +142,7 @@ def main():
         arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.arrays().items()}
         for mode in a.modes.split(","):
             m = MODES[mode]
-            model = GPT2Model(cfg, dtype, **m["model"])
+            model = models.build(cfg, dtype, **m["model"])
             fn = step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0)
             t0 = time.perf_counter()
             c = fn.lower(abstract, abstract_opt, arrays, jax.random.key(0)).compile()
@@ -122,11 +150,14 @@ def main():
             mem = c.memory_analysis()
             name = f"{mode}@{n}"
             compiled[name] = c
-            out[name] = {"compile_s": round(secs, 2),
-                         "temp_gb": None if mem is None else round(mem.temp_size_in_bytes / 2 ** 30, 3)}
+            out[name] = {"compile_s": round(secs, 2)}
+            if mem is not None:
+                out[name].update(argument_gb=gib(mem.argument_size_in_bytes), temp_gb=gib(mem.temp_size_in_bytes),
+                                 total_gb=gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                              + mem.output_size_in_bytes - mem.alias_size_in_bytes))
             print(f"{name}: {out[name]}", flush=True)
     if a.time:
-        params = GPT2Model(cfg).init(0)
+        params = jax.tree.map(lambda x: x.astype(a.param_dtype), models.build(cfg).init(0))
         times = {name: [] for name in compiled}
         state = {name: (jax.tree.map(jnp.array, params), tx.init(params)) for name in compiled}
         device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()}
@@ -148,7 +179,8 @@ def main():
             out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
                              tokens_per_s=round(tokens / med))
             if peak and a.bf16:
-                out[name]["mfu"] = round(model_flops(cfg, tokens, batches[n].input_ids.shape[1]) / med / peak, 3)
+                out[name]["mfu"] = round(model_flops(models.build(cfg), tokens, batches[n].input_ids.shape[1])
+                                         / med / peak, 3)
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
                 out[f"{mode}_6_thoughts_over_plain"] = round(out[f"{mode}@6"]["step_s_median"]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coconut_jax.data import IGNORE
-from coconut_jax.models.gpt2 import GPT2Model
+from coconut_jax.models.common import FunctionalModel
 
 
 def _keys(key, n):
@@ -37,7 +37,7 @@ def _write(cache, kv, slot):
     return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=3), cache, kv)
 
 
-def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
+def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
                    dropout_key=None, with_kv: bool = False):
     """Hidden states [B,T,E] of a batch with its continuous thoughts.
 
@@ -93,7 +93,7 @@ def latent_forward(model: GPT2Model, params, arrays, prefix_len: int, n_latent: 
     return hidden, kv
 
 
-def reference_hidden(model: GPT2Model, params, arrays, feedback: bool = True):
+def reference_hidden(model: FunctionalModel, params, arrays, feedback: bool = True):
     """The slow, obviously correct form (SPEC §5): for k = 1..n, run the whole sequence and
     put the hidden state before each row's k-th latent into that latent; then run once more.
     Finds latents per row from `latent_mask` alone (no alignment assumed). Tests/benchmarks only."""
@@ -124,7 +124,7 @@ def token_nll(logits, labels):
     return _nll_sums(logits[:, :-1], labels[:, 1:])
 
 
-def chunked_token_nll(model: GPT2Model, params, hidden, labels, chunk: int):
+def chunked_token_nll(model: FunctionalModel, params, hidden, labels, chunk: int):
     """`token_nll(model.logits(params, hidden), labels)` without the [B,T,V] f32 logits: the
     positions go through the tied head `chunk` at a time in a scan whose body is
     rematerialised, so the forward and the backward pass hold one chunk's logits."""
@@ -146,7 +146,7 @@ def chunked_token_nll(model: GPT2Model, params, hidden, labels, chunk: int):
     return total, count
 
 
-def loss_terms(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
+def loss_terms(model: FunctionalModel, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
                dropout_key=None, loss_chunk: int = 0):
     """Summed token loss and token count of a batch; callers divide once (exact accumulation).
 
@@ -158,7 +158,7 @@ def loss_terms(model: GPT2Model, params, arrays, prefix_len: int, n_latent: int,
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "max_new_tokens", "feedback"))
-def generate(model: GPT2Model, params, arrays, eos_id, *, prefix_len: int, n_latent: int, max_new_tokens: int,
+def generate(model: FunctionalModel, params, arrays, eos_id, *, prefix_len: int, n_latent: int, max_new_tokens: int,
              feedback: bool = True):
     """Greedy decoding of a batch of prompts, KV-cached, with per-row EOS (SPEC §6).
 

@@ -71,10 +71,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = "none"                   # per-layer rematerialisation: "none", "dots" or "full"
     c.fused_attention = True           # jax.nn.dot_product_attention where no attention dropout applies
     c.loss_chunk = 128                 # loss over this many positions at a time (0: all logits at once)
+    c.param_dtype = "float32"          # "bfloat16": params, gradients and Adam moments in bf16
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa".
     c.prepare = ml_collections.ConfigDict({
         "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
-        "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
+        # The model family built (coconut_jax.tiny.FAMILIES: gpt2, llama, qwen2, qwen3).
+        "family": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
         # Graph size, reasoning steps (equally likely; () = the published distribution) and
         # the number of distinct concept names (0 = all).
         "min_nodes": 14, "max_nodes": 28, "steps": (), "n_concepts": 0,
@@ -131,10 +133,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.prefetch_batches >= 1, f"prefetch_batches={c.prefetch_batches} must be >= 1")
     need(c.remat in ("none", "dots", "full"), f"remat={c.remat!r} must be none, dots or full")
     need(c.loss_chunk >= 0, f"loss_chunk={c.loss_chunk} must be >= 0 (0: unchunked)")
+    need(c.param_dtype in ("float32", "bfloat16"), f"param_dtype={c.param_dtype!r} must be float32 or bfloat16")
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
     need(c.prepare.kind in ("", "synthetic_prosqa"), f"prepare.kind={c.prepare.kind!r} must be '' or 'synthetic_prosqa'")
+    need(c.prepare.family in ("gpt2", "llama", "qwen2", "qwen3"),
+         f"prepare.family={c.prepare.family!r} must be gpt2, llama, qwen2 or qwen3")
     if not c.prepare.kind:
         for field in ("val_path",) + (() if c.only_eval else ("train_path",)):
             need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")

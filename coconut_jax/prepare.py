@@ -49,7 +49,7 @@ def build(c, root: str) -> None:
     write_json(prosqa_generator.generate(p.valid, seed=p.seed * 1000 + 1, g=graph), valid)
     tiny.build(tiny.record_texts(records), model_dir, vocab_size=p.vocab_size, n_layer=p.n_layer,
                n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed,
-               induction_heads=p.induction_heads)
+               induction_heads=p.induction_heads, family=p.family)
     write_atomic(os.path.join(root, SETTINGS), json.dumps(_settings(c), indent=1) + "\n")
     print(f"built {model_dir}")
 

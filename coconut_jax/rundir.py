@@ -167,7 +167,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
     For `resume` only the shapes matter (the run's own checkpoint is restored onto them): the
     params returned are None."""
     from coconut_jax import hf
-    from coconut_jax.models.gpt2 import GPT2Model
+    from coconut_jax import models
     config = hf.load_config(hf.resolve_model_dir(model_id))
     if source.kind == "resume":
         config = dataclasses.replace(config, vocab_size=checkpoint.param_shapes(source.path, source.step)["wte"][0])
@@ -183,7 +183,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
         where = f"load_model_path={source.describe()}"
         check_method(checkpoint.read_meta(source.path, source.step).get("method"), method, where)
         stored = checkpoint.param_shapes(source.path, source.step)
-        expected = GPT2Model(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
+        expected = models.build(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
         diff = shape_differences(stored, expected)
         if diff:
             raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "

@@ -11,8 +11,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Logical parameter axes -> mesh axes. Embedding rows / hidden units split over `fsdp`
 # (ZeRO-3 style), projections' wide dimension over `tensor`.
-LOGICAL_RULES = {"vocab": "tensor", "embed": "fsdp", "qkv": "tensor", "heads": "tensor", "mlp": "tensor",
-                 "position": None}
+# Attention splits whole heads (`heads`, `kv_heads`), never a head's width (`head_dim`).
+LOGICAL_RULES = {"vocab": "tensor", "embed": "fsdp", "qkv": "tensor", "heads": "tensor", "kv_heads": "tensor",
+                 "mlp": "tensor", "head_dim": None, "position": None}
 
 
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
@@ -58,10 +59,11 @@ def param_shardings(mesh, logical_axes: dict, shapes: dict):
     return jax.tree.map(spec, logical_axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def put_params(params, shardings):
-    """Host NumPy params (the same on every process) -> global arrays placed by `shardings`."""
+def put_params(params, shardings, dtype=np.float32):
+    """Host NumPy params (the same on every process) -> global arrays of `dtype` placed by
+    `shardings`."""
     def put(x, s):
-        x = np.asarray(x)
+        x = np.asarray(x).astype(dtype, copy=False)
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
     return jax.tree.map(put, params, shardings)
 

@@ -42,7 +42,8 @@ def accumulate(model, params, acc, arrays, key, *, prefix_len, n_latent, feedbac
 def mean_gradient(acc):
     """(token-weighted mean gradient, mean token loss) of the accumulated micro-batches."""
     count = jnp.maximum(acc["count"], 1.0)
-    return jax.tree.map(lambda g: g / count, acc["grads"]), acc["loss"] / count
+    # In the gradients' own dtype: an f32 quotient would turn bf16 Adam moments into f32.
+    return jax.tree.map(lambda g: (g / count).astype(g.dtype), acc["grads"]), acc["loss"] / count
 
 
 def apply_update(tx, params, opt_state, acc):
@@ -85,17 +86,19 @@ def like_params(tree_shapes, params, replicated):
 class TrainState:
     """Params + optimizer state on the mesh, and the jitted update functions of a run."""
 
-    def __init__(self, model, params_host, mesh, tx):
+    def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32):
         """`params_host`: NumPy params (the same on every process), or None for zeros of the
-        model's shapes (a template that a checkpoint restore fills)."""
+        model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
+        params (and so the optimizer's moments and the gradients) are stored; bf16 halves
+        their memory for models that do not fit in f32."""
         self.model, self.mesh, self.tx = model, mesh, tx
-        shapes = model.param_shapes()
+        shapes = model.param_shapes(param_dtype)
         self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), shapes)
         if params_host is None:
             self.params = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                                   out_shardings=self.param_sh)()
         else:
-            self.params = sharding.put_params(params_host, self.param_sh)
+            self.params = sharding.put_params(params_host, self.param_sh, param_dtype)
         opt_shapes = jax.eval_shape(tx.init, self.params)
         self.opt_sh = like_params(opt_shapes, self.params, NamedSharding(mesh, P()))
         self._init = jax.jit(tx.init, out_shardings=self.opt_sh)

@@ -1,9 +1,12 @@
-"""Small GPT-2 checkpoints and byte-level BPE tokenizers built offline from a dataset.
+"""Small checkpoints and byte-level BPE tokenizers of each supported family, built offline
+from a dataset.
 
 The result is an ordinary Hugging Face directory, so the same loading code serves it and
-`openai-community/gpt2`. Command line:
+`openai-community/gpt2`, `meta-llama/Llama-3.2-1B` or `Qwen/Qwen2.5-0.5B`. The tokenizers
+copy their family's pre-tokenization and special tokens (Llama 3: its split pattern and a
+BOS token; Qwen2: its split pattern, NFC, no BOS). Command line:
 
-    python -m coconut_jax.tiny --data train.json --out models/tiny --n_layer 2 --n_embd 128
+    python -m coconut_jax.tiny --data train.json --out models/tiny --n_layer 2 --n_embd 128 [--family llama]
 """
 from __future__ import annotations
 
@@ -11,24 +14,43 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from coconut_jax import hf, induction
-from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+from coconut_jax import hf, induction, models
+from coconut_jax.models.gpt2 import GPT2Config
+from coconut_jax.models.llama import LlamaConfig
 
-EOS = "<|endoftext|>"
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
+# The pre-tokenizer split patterns of Llama 3 and Qwen2 (digits in threes vs one by one).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# family -> (special tokens, bos, eos)
+_SPECIALS = {"gpt2": (["<|endoftext|>"], None, "<|endoftext|>"),
+             "llama": (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>"),
+             "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>")}
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
-    """A GPT-2-style byte-level BPE tokenizer trained on `texts`, as a `GPT2TokenizerFast`.
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, family: str = "gpt2"):
+    """A byte-level BPE tokenizer of `family`'s kind trained on `texts`, as the class the
+    family's hub checkpoints load as.
 
     `<<` is always learnt as one token: Coconut initialises its latent tokens from it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2TokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models as bpe, normalizers, pre_tokenizers, processors, trainers
+    import transformers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    kind = "qwen2" if family == "qwen3" else family
+    specials, bos, eos = _SPECIALS[kind]
+    tok = Tokenizer(bpe.BPE())
+    if kind == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        split = _LLAMA3_SPLIT if kind == "llama" else _QWEN2_SPLIT
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if kind == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
 
     def corpus():
@@ -36,20 +58,46 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
         yield from [hf.LATENT_INIT_TOKEN] * 10_000  # frequent enough to be among the first merges
 
     tok.train_from_iterator(corpus(), trainer=trainer)
-    return GPT2TokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    if kind == "gpt2":
+        return transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
+    if kind == "llama":
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
+    return transformers.Qwen2Tokenizer(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=None,
+                                       unk_token=None)
+
+
+def model_config(family: str, vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int,
+                 dropout: float = 0.0, n_kv_head: int = 0, tied: bool = True):
+    """A small config of `family`; Llama/Qwen get n_kv_head key/value heads (0: half of n_head)."""
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                          n_head=n_head, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
+    kv = n_kv_head or (n_head // 2 if n_head % 2 == 0 else n_head)
+    return LlamaConfig(model_type=family, vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=4 * n_embd,
+                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=kv,
+                       head_dim=n_embd // n_head, max_position_embeddings=n_positions, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, rope_scaling=(), tie_word_embeddings=tied, attention_dropout=dropout)
 
 
 def build(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024, n_layer: int = 2, n_embd: int = 128,
           n_head: int = 4, n_positions: int = 512, dropout: float = 0.0, seed: int = 0, induction_heads: bool = False,
-          overwrite: bool = False) -> str:
-    """Trains a tokenizer on `texts`, initialises a random GPT-2 and saves both in HF format.
+          family: str = "gpt2", tied: bool = True, overwrite: bool = False) -> str:
+    """Trains a tokenizer on `texts`, initialises a random model of `family` and saves both in
+    HF format.
 
-    `induction_heads` starts the model with a fact-lookup circuit (`coconut_jax.induction`).
+    `induction_heads` starts a GPT-2 with a fact-lookup circuit (`coconut_jax.induction`);
+    `tied=False` gives a Llama/Qwen model its own output head.
     """
-    tok = train_tokenizer(texts, vocab_size)
-    config = GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
-    params = GPT2Model(config).init(seed)
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
+    if induction_heads and family != "gpt2":
+        raise ValueError(f"induction_heads wires GPT-2 weights; family={family!r} has none to wire")
+    tok = train_tokenizer(texts, vocab_size, family)
+    config = model_config(family, len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
+                          dropout=dropout, tied=tied)
+    params = models.build(config).init(seed)
     if induction_heads:
         params = induction.wire_induction_heads(config, params, seed=seed)
     return hf.export_hf(config, params, out_dir, tokenizer=tok, overwrite=overwrite)
@@ -66,6 +114,7 @@ def main(argv=None):
     p.add_argument("--data", required=True, help="a dataset in the Coconut JSON format")
     p.add_argument("--out", required=True)
     defaults = {f.name: f.default for f in dataclasses.fields(GPT2Config)}
+    p.add_argument("--family", default="gpt2", choices=FAMILIES)
     p.add_argument("--vocab_size", type=int, default=1024)
     for name in ("n_layer", "n_embd", "n_head", "n_positions"):
         p.add_argument(f"--{name}", type=int, default={"n_layer": 2, "n_embd": 128, "n_head": 4,
@@ -77,7 +126,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     out = build(record_texts(load_records(a.data)), a.out, vocab_size=a.vocab_size, n_layer=a.n_layer,
                 n_embd=a.n_embd, n_head=a.n_head, n_positions=a.n_positions, dropout=a.dropout,
-                seed=a.seed, induction_heads=a.induction_heads, overwrite=a.overwrite)
+                seed=a.seed, induction_heads=a.induction_heads, family=a.family, overwrite=a.overwrite)
     print(f"wrote {out}")
 
 

@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, files, hf, prepare, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, files, hf, models, prepare, rundir, sharding, steps
 from coconut_jax.metrics import MetricsSink, stage_table
-from coconut_jax.models.gpt2 import GPT2Model
 
 
 class Trainer:
@@ -51,9 +50,9 @@ class Trainer:
         own = rundir.own_checkpoint(self.ckpt, c.only_eval)
         source = rundir.Source("resume", self.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
         config, params = rundir.load_weights(source, c.model_id, c.method, self.tok)
-        self.model = GPT2Model(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
-                               remat=c.remat, fused_attention=c.fused_attention)
-        self.state = steps.TrainState(self.model, params, self.mesh, steps.make_optimizer(c))
+        self.model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
+                                  remat=c.remat, fused_attention=c.fused_attention)
+        self.state = steps.TrainState(self.model, params, self.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype))
         self.val_records, self.val_examples = data.load_dataset(c.val_path, self.tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir)
         self.train_examples = [] if c.only_eval else data.load_dataset(
             c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir, with_records=False)[1]

@@ -37,8 +37,8 @@ BATCHES = {
 def test_fast_forward_equals_slow_reference(name):
     b = _batch(BATCHES[name])
     arrays = b.arrays()
-    fast = coconut.latent_forward(MODEL, PARAMS, arrays, b.prefix_len, b.n_latent)
-    slow = coconut.reference_hidden(MODEL, PARAMS, arrays)
+    fast = jax.jit(lambda p: coconut.latent_forward(MODEL, p, arrays, b.prefix_len, b.n_latent))(PARAMS)
+    slow = jax.jit(lambda p: coconut.reference_hidden(MODEL, p, arrays))(PARAMS)
     real = b.attention_mask.astype(bool)
     assert np.abs(np.asarray(fast)[real] - np.asarray(slow)[real]).max() <= 1e-5
     labelled = np.roll(b.labels != data.IGNORE, -1, axis=1)  # positions that predict a label
@@ -58,7 +58,7 @@ def test_fast_gradients_equal_slow_reference():
         s, n = coconut.token_nll(MODEL.logits(p, coconut.reference_hidden(MODEL, p, arrays)), arrays["labels"])
         return s / n
 
-    (lf, gf), (ls, gs) = jax.value_and_grad(fast)(PARAMS), jax.value_and_grad(slow)(PARAMS)
+    (lf, gf), (ls, gs) = jax.jit(jax.value_and_grad(fast))(PARAMS), jax.jit(jax.value_and_grad(slow))(PARAMS)
     assert abs(float(lf) - float(ls)) <= 1e-5
     for a, c in zip(jax.tree.leaves(gf), jax.tree.leaves(gs)):
         assert np.abs(a - c).max() / max(np.abs(c).max(), 1e-12) <= 1e-4

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from coconut_jax import hf
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model, get_path
+from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
 
 CFG = GPT2Config(vocab_size=97, n_positions=48, n_embd=64, n_layer=2, n_head=4)
 
@@ -33,16 +34,10 @@ def pair(tmp_path_factory):
 
 
 def _batch():
-    ids = np.array([[5, 6, 7, 8, 9, 10, 11, 12],
-                    [0, 0, 0, 13, 14, 15, 16, 17],      # left padded
-                    [18, 19, 20, 21, 22, 0, 0, 0]])     # right padded
-    mask = np.array([[1] * 8, [0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]])
-    pos = np.array([list(range(3, 11)), [0, 0, 0, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 0, 0, 0]])
-    return ids, mask, pos
+    return padded_batch(3)
 
 
-def _ours(model, params, ids, mask, pos):
-    return model.body(params, model.embed(params, ids), pos, mask)[0]
+_ours = hidden
 
 
 def test_logits_and_hidden_match_transformers(pair):
@@ -74,7 +69,7 @@ def test_loss_gradients_match_transformers(pair):
         nll = -jnp.take_along_axis(logp, np.maximum(tgt, 0)[..., None], -1)[..., 0]
         return jnp.sum(nll * (tgt >= 0)) / jnp.sum(tgt >= 0)
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
     ref.zero_grad()
     out = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos),
               labels=torch.tensor(labels))
@@ -82,33 +77,16 @@ def test_loss_gradients_match_transformers(pair):
     assert abs(float(loss) - out.loss.item()) <= 1e-5
     ref_grads = {n: p.grad.numpy() for n, p in ref.named_parameters()}
     assert "lm_head.weight" not in ref_grads or ref.lm_head.weight is ref.transformer.wte.weight
-    for name in hf._hf_names(CFG):
-        ours = np.asarray(get_path(grads, hf._our_path(name)))
-        theirs = ref_grads[f"transformer.{name}"]
+    for t in hf.naming(CFG).tensors:
+        ours = np.asarray(get_path(grads, t.path))
+        theirs = ref_grads[f"transformer.{t.name}"]
         rel = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12)
         assert rel <= 1e-4, (name, rel)
 
 
 def test_incremental_passes_against_past_keys_equal_full(pair):
-    """Running a sequence in pieces, each against the keys/values of the pieces before it
-    (as the latent passes and the decoding loop do), gives the full forward's states."""
     model, params, _, _ = pair
-    ids, mask, pos = _batch()
-    full = _ours(model, params, ids, mask, pos)
-    emb = model.embed(params, ids)
-    h0, kv = model.body(params, emb[:, :3], pos[:, :3], mask[:, :3])
-    past = [{**kv, "mask": mask[:, :3]}]
-    # A segment with unused (masked) slots must be ignored, as in a fixed-size decoding cache.
-    junk = jax.tree.map(lambda a: jnp.ones_like(a[:, :, :, :2]) * 7.0, kv)
-    past.append({**junk, "mask": np.zeros((3, 2), bool)})
-    steps = [h0]
-    for t in range(3, ids.shape[1]):
-        h, kv = model.body(params, emb[:, t:t + 1], pos[:, t:t + 1], mask[:, t:t + 1], past)
-        past.append({**kv, "mask": mask[:, t:t + 1]})
-        steps.append(h)
-    inc = np.concatenate([np.asarray(s) for s in steps], axis=1)
-    real = mask.astype(bool)
-    assert np.abs(inc[real] - np.asarray(full)[real]).max() <= 1e-5
+    assert_incremental_equals_full(model, params, *_batch())
 
 
 def test_bf16_compute_is_close_and_keeps_f32_params(pair):

@@ -279,3 +279,32 @@ def test_only_eval_of_every_method(world, tmp_path, method):
     # The validation loss only when asked for (the reference's only_eval reports accuracy and CoT match).
     assert np.isfinite(result["eval/loss"]) if method == "coconut" else "eval/loss" not in result
     assert len(open(tmp_path / "prosqa-coconut-eval" / "predictions_epoch3.jsonl").readlines()) == 6
+
+
+# -- Llama: CoT -> Coconut from its best checkpoint -> test-set evaluation, configs/gsm_llama.py ----
+
+def test_gsm_llama_cot_then_coconut_then_eval(world, tmp_path):
+    """The published Llama chain through its config (bf16 compute included) on a tiny Llama 3
+    with an untied head: the Coconut run sizes both tables to the tokenizer and copies `<<`'s
+    rows, and the evaluation runs at the last stage."""
+    from coconut_jax import hf, tiny
+    from coconut_jax.data import load_records
+    texts = tiny.record_texts(load_records(world["gsm_train"]))
+    model = tiny.build(texts, str(tmp_path / "llama"), vocab_size=400, n_layer=1, n_embd=32, n_head=4,
+                       n_positions=512, family="llama", tied=False)
+    paths = (f"--config.train_path={world['gsm_train']}", f"--config.val_path={world['gsm_valid']}",
+             f"--config.model_id={model}")
+    run_cli(tmp_path, *paths, *SIZES, "--config.num_epochs=1", config="configs/gsm_llama.py:cot")
+    coconut = run_cli(tmp_path, *paths, *SIZES, "--config.num_epochs=3",
+                      f"--config.load_model_path={tmp_path}/gsm-llama-cot/checkpoints", config="configs/gsm_llama.py")
+    assert f"weights from {tmp_path}/gsm-llama-cot/checkpoints/" in coconut.stdout
+    assert [(e["epoch"], e["stage"], e["eval/thoughts"]) for e in evals(tmp_path / "gsm-llama-coconut")] == \
+        [(2, 1, 2.0), (3, 2, 4.0)]
+    params = stored_params(tmp_path / "gsm-llama-coconut")
+    assert params["wte"].shape == params["lm_head"].shape and params["wte"].shape[0] == len(hf.load_tokenizer(model))
+    ev = run_cli(tmp_path, f"--config.val_path={world['gsm_test']}", f"--config.model_id={model}", *SIZES,
+                 f"--config.load_model_path={tmp_path}/gsm-llama-coconut/checkpoints",
+                 config="configs/gsm_llama.py:eval")
+    assert f"{tmp_path}/gsm-llama-coconut/checkpoints/" in ev.stdout
+    (final,) = evals(tmp_path / "gsm-llama-coconut-eval")
+    assert final["stage"] == 6 and final["eval/thoughts"] == 6.0

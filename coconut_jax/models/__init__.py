@@ -1,0 +1,33 @@
+"""Model families, chosen by `config.json`'s `model_type`.
+
+Every family is a `common.FunctionalModel` (embed / body over any slice against explicit
+past keys/values / logits); the Coconut code sees only that interface.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from coconut_jax.models.common import FunctionalModel
+from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+from coconut_jax.models.llama import LlamaConfig, LlamaModel
+
+# model_type -> (config class, model class)
+FAMILIES = {"gpt2": (GPT2Config, GPT2Model), "llama": (LlamaConfig, LlamaModel),
+            "qwen2": (LlamaConfig, LlamaModel), "qwen3": (LlamaConfig, LlamaModel)}
+
+
+def config_from_hf(d: dict[str, Any]):
+    """The config of a `config.json` dict; ValueError naming an unsupported model_type or setting."""
+    kind = d.get("model_type", "gpt2")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type {kind!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[kind][0].from_hf_dict(d)
+
+
+def model_type(config) -> str:
+    return getattr(config, "model_type", "gpt2")
+
+
+def build(config, *args, **kwargs) -> FunctionalModel:
+    """The model of `config`'s family (`FunctionalModel` arguments pass through)."""
+    return FAMILIES[model_type(config)][1](config, *args, **kwargs)

@@ -1,0 +1,269 @@
+"""What every model family shares: parameter creation with logical axes, attention over
+segments of keys/values, and the functional wrapper (`FunctionalModel`) the Coconut code uses.
+
+A family (gpt2.py, llama.py) defines its parameter modules and four functions over the
+params pytree: how inputs enter (`_inputs`), one layer (`_layer`), the final norm (`_final`)
+and the head (`logits`). The layer loop, scanned or not, rematerialised or not, with keys and
+values of earlier segments passed explicitly, is written once here.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Logical axis names. `sharding.LOGICAL_RULES` maps them to mesh axes.
+VOCAB, EMBED, POSITION, MLP = "vocab", "embed", "position", "mlp"
+QKV, HEADS, KV_HEADS, HEAD_DIM = "qkv", "heads", "kv_heads", "head_dim"
+
+Params = dict  # nested {name: {...: array}} with string keys, e.g. params["h"]["0"]["c_fc"]["kernel"]
+
+# Every family's token embedding is `wte` [V,E] and an untied head is `lm_head` [V,E] (rows
+# per token, like the embedding), so vocabulary growth treats both the same way.
+EMBEDDING, HEAD = "wte", "lm_head"
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float | None):
+    value = (jnp.zeros(shape, jnp.float32) if std is None
+             else std * jax.random.normal(rngs.params(), shape, jnp.float32))
+    return annotated(value, axes)
+
+
+def ones(shape, axes):
+    return annotated(jnp.ones(shape, jnp.float32), axes)
+
+
+def annotated(value, axes):
+    # Placement happens in `coconut_jax.sharding` (jit with out_shardings), not at creation.
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def dropout(x, rate: float, key):
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def segment_attention(q, segments, dropout_rate: float, key):
+    """Attention of q [B,T,H,D] over every segment's keys at once (one softmax), without
+    concatenating them: the form for decoding against a long cache, and with dropout.
+    segments: (k, v [B,K,S,D], allowed [B,T|1,S]) each, K key/value heads shared by H/K
+    query heads each (grouped-query attention; K = H is plain multi-head). Keys/values are
+    kept heads-major so that a decode step reads the cache in place (a [B,S,H,D] cache is
+    transposed, i.e. copied, by every step: 10x slower on CPU)."""
+    b, t, h, d = q.shape
+    kv_heads = segments[0][0].shape[1]
+    qg = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scale = jnp.sqrt(jnp.float32(d))
+    scores = [jnp.where(allowed[:, None, None],
+                        jnp.einsum("btkgd,bksd->bkgts", qg, sk.astype(q.dtype)).astype(jnp.float32) / scale,
+                        jnp.finfo(jnp.float32).min)
+              for sk, _, allowed in segments]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    probs = dropout(probs, dropout_rate, key).astype(q.dtype)
+    bounds = np.cumsum([sk.shape[2] for sk, _, _ in segments])[:-1]
+    out = sum(jnp.einsum("bkgts,bksd->btkgd", pr, sv.astype(q.dtype))
+              for pr, (_, sv, _) in zip(jnp.split(probs, bounds, axis=-1), segments))
+    return out.reshape(b, t, h, d)
+
+
+def fused_attention(q, segments):
+    """The same attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel on
+    GPUs when the dtype allows, XLA's otherwise; grouped heads natively), the segments'
+    keys concatenated."""
+    k = jnp.concatenate([sk.astype(q.dtype) for sk, _, _ in segments], axis=2).swapaxes(1, 2)
+    v = jnp.concatenate([sv.astype(q.dtype) for _, sv, _ in segments], axis=2).swapaxes(1, 2)
+    t = q.shape[1]
+    mask = jnp.concatenate([jnp.broadcast_to(allowed, allowed.shape[:1] + (t,) + allowed.shape[2:])
+                            for _, _, allowed in segments], axis=-1)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+
+
+def attention(q, k, v, self_allowed, past, *, fused: bool, dropout_rate: float, key):
+    """Attention of the inputs' queries over the keys/values of `past` segments and their
+    own (k, v [B,K,T,D], causal `self_allowed`). The fused kernel serves when there is no
+    attention dropout and more than one query (a decode step keeps the per-segment form,
+    which does not copy the cache)."""
+    segments = [*past, (k, v, self_allowed)]
+    if fused and q.shape[1] > 1 and (key is None or dropout_rate == 0.0):
+        return fused_attention(q, segments)
+    return segment_attention(q, segments, dropout_rate, key)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,         # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def split_keys(key, n):
+    if key is None:
+        return [None] * n
+    return list(jax.random.split(key, n))
+
+
+def path_str(path) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def get_path(tree: dict, path: tuple[str, ...]):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+class FunctionalModel:
+    """Static description of a model: config, compute dtype and how the layers run
+    (hashable, a static jit argument).
+
+    Functional interface over a params pytree (nested dict of arrays, f32 unless stored
+    otherwise):
+      init(seed) -> params
+      embed(params, ids) -> token embeddings [B,T,E]
+      body(params, embeds, positions, key_mask, past=(), dropout_key=None)
+          -> (final hidden states after the final norm [B,T,E], keys/values of the inputs)
+      logits(params, hidden) -> [B,T,V] in f32
+
+    `scan_layers`: the layers run as one `lax.scan` over their stacked params (compile time
+    independent of depth); `remat`: a key of REMAT_POLICIES, what the backward pass keeps
+    of each layer; `fused_attention`: `jax.nn.dot_product_attention` where it applies.
+
+    A family sets `module` (its nnx parameter module, built from the config), `keys_per_layer`
+    (dropout keys one layer takes) and defines `_inputs`, `_layer`, `_final` and `logits`.
+    The config provides `n_layer`, `n_positions` (the context) and `vocab_size`.
+    """
+    module: type
+    keys_per_layer: int = 1
+
+    def __init__(self, config, dtype=jnp.float32, *, scan_layers: bool = False, remat: str = "none",
+                 fused_attention: bool = True):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.scan_layers, self.remat, self.fused_attention = scan_layers, remat, fused_attention
+        _, state = nnx.split(nnx.eval_shape(lambda: self.module(config, nnx.Rngs(0))), nnx.Param)
+        self._template = [(path, var) for path, var in nnx.to_flat_state(state)]
+
+    def _key(self):
+        return (type(self), self.config, self.dtype, self.scan_layers, self.remat, self.fused_attention)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, FunctionalModel) and self._key() == other._key()
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.config}, dtype={self.dtype.name}, scan_layers={self.scan_layers}, "
+                f"remat={self.remat}, fused_attention={self.fused_attention})")
+
+    def replace(self, **kw) -> "FunctionalModel":
+        args = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
+                    fused_attention=self.fused_attention)
+        args.update(kw)
+        return type(self)(self.config, **args)
+
+    def with_dtype(self, dtype) -> "FunctionalModel":
+        return self.replace(dtype=dtype)
+
+    def init(self, seed: int = 0) -> Params:
+        """The family's random initialisation."""
+        _, state = nnx.split(self.module(self.config, nnx.Rngs(seed)), nnx.Param)
+        params: Params = {}
+        for path, var in nnx.to_flat_state(state):
+            set_path(params, path_str(path), var.get_value())
+        return params
+
+    def _per_param(self, fn) -> Params:
+        out: Params = {}
+        for path, var in self._template:
+            set_path(out, path_str(path), fn(var))
+        return out
+
+    def logical_axes(self) -> Params:
+        """Logical axis names of every parameter, in the params' tree structure."""
+        return self._per_param(lambda v: tuple(v.get_metadata()["out_sharding"]))
+
+    def param_shapes(self, dtype=jnp.float32) -> Params:
+        return self._per_param(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, jnp.dtype(dtype)))
+
+    def embed(self, params, ids):
+        return jnp.take(params[EMBEDDING], ids, axis=0).astype(self.dtype)
+
+    def logits(self, params, hidden):
+        """Through the tied embedding, or the untied `lm_head` when the params hold one."""
+        head = params.get(HEAD, params[EMBEDDING])
+        return jnp.einsum("...e,ve->...v", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+
+    def stack_layers(self, params):
+        """Params whose layers are stacked along a leading axis (what the scan runs over).
+
+        Callers that run `body` several times per step stack once and pass the result, so
+        the copy is made once; `body` accepts either form."""
+        if not self.scan_layers or "0" not in params["h"]:
+            return params
+        layers = [params["h"][str(i)] for i in range(self.config.n_layer)]
+        return {**params, "h": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
+
+    def _layer_fn(self):
+        policy = REMAT_POLICIES[self.remat]
+        return self._layer if self.remat == "none" else jax.checkpoint(self._layer, policy=policy)
+
+    def body(self, params, embeds, positions, key_mask, past=(), dropout_key=None):
+        """Runs the transformer on `embeds` (token embeddings or continuous thoughts).
+
+        `key_mask` [B,T] says which inputs are real tokens; attention among the inputs is
+        causal. `past` holds keys/values computed earlier for positions that precede all
+        the inputs: a sequence of segments {"k", "v": [L,B,K,S,D], "mask": [B,S]}, every
+        valid key of which each input attends to. Returns (final hidden states [B,T,E],
+        {"k", "v": [L,B,K,T,D]} of the inputs), so a caller can extend `past`.
+        """
+        n, per = self.config.n_layer, self.keys_per_layer
+        t = embeds.shape[1]
+        keys = split_keys(dropout_key, 1 + per * n)
+        x, ctx = self._inputs(params, embeds.astype(self.dtype), positions, keys[0])
+        self_allowed = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask.astype(bool)[:, None, :]
+        past_allowed = [seg["mask"].astype(bool)[:, None, :] for seg in past]
+        layer = self._layer_fn()
+        if self.scan_layers:
+            def step(x, xs):
+                p, seg_kv, layer_keys = xs
+                layer_past = [(k, v, allowed) for (k, v), allowed in zip(seg_kv, past_allowed)]
+                return layer(p, x, self_allowed, layer_past, ctx,
+                             [None] * per if layer_keys is None else list(layer_keys))
+            stacked = self.stack_layers(params)["h"]
+            seg_kv = [(seg["k"], seg["v"]) for seg in past]
+            layer_keys = None if dropout_key is None else jnp.stack(keys[1:]).reshape(n, per)
+            x, (new_k, new_v) = jax.lax.scan(step, x, (stacked, seg_kv, layer_keys))
+        else:
+            new_k, new_v = [], []
+            for i in range(n):
+                layer_past = [(seg["k"][i], seg["v"][i], allowed) for seg, allowed in zip(past, past_allowed)]
+                x, (k, v) = layer(params["h"][str(i)], x, self_allowed, layer_past, ctx,
+                                  keys[1 + per * i: 1 + per * (i + 1)])
+                new_k.append(k)
+                new_v.append(v)
+            new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+        return self._final(params, x), {"k": new_k, "v": new_v}
+
+    # -- what a family defines ----------------------------------------------------------------
+    def _inputs(self, params, embeds, positions, key):
+        """(the first layer's input, what every layer needs of the positions or None)."""
+        raise NotImplementedError
+
+    def _layer(self, p, x, self_allowed, past, ctx, keys):
+        """One layer: (new x, this layer's (k, v) of the inputs, [B,K,T,D])."""
+        raise NotImplementedError
+
+    def _final(self, params, x):
+        raise NotImplementedError
