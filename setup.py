@@ -28,6 +28,9 @@ setup(
     ],
     extras_require={
         "torch": ["torch"],
+        # TFDS datasets (data_prep.tfds, tfds:NAME/SPLIT paths); TensorFlow is not needed.
+        # importlib_resources: tensorflow-datasets imports it without declaring it.
+        "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
         "test": ["pytest", "torch==2.13.0", "nbformat", "nbclient", "ipykernel"],
     },
 )

@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.load_model_path = "None"
     c.train_path = ""
     c.val_path = ""
+    c.tfds_data_dir = ""               # where tfds:NAME/SPLIT paths are read from ("": TFDS's default)
     c.only_eval = False
     c.c_thought = 1
     c.epochs_per_stage = 5
@@ -141,8 +142,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.prepare.family in ("gpt2", "llama", "qwen2", "qwen3"),
          f"prepare.family={c.prepare.family!r} must be gpt2, llama, qwen2 or qwen3")
     if not c.prepare.kind:
+        from coconut_jax import tfds_source
         for field in ("val_path",) + (() if c.only_eval else ("train_path",)):
-            need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
+            if tfds_source.is_tfds(c[field]):
+                need(tfds_source.valid_path(c[field]), f"{field}={c[field]!r}: a TFDS source is written tfds:NAME/SPLIT")
+            else:
+                need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
     if c.load_model_path not in ("", "None"):
         need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
 

@@ -214,7 +214,7 @@ CACHE_FORMAT = 2  # bump when the arrays' meaning changes: older caches are then
 _ARRAYS = ("tokens", "pieces", "records")
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -222,10 +222,10 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _cache_key(path: str, tokenizer, max_size) -> str:
-    """The dataset's bytes, the whole tokenizer, the size limit and the format version: a
+def _cache_key(source_digest: str, tokenizer, max_size) -> str:
+    """The dataset's contents, the whole tokenizer, the size limit and the format version: a
     change to any of them is a different cache."""
-    h = hashlib.sha256(f"{_file_digest(path)}|{max_size}|v{CACHE_FORMAT}".encode())
+    h = hashlib.sha256(f"{source_digest}|{max_size}|v{CACHE_FORMAT}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr(sorted(tokenizer.get_added_vocab().items())).encode())
@@ -284,20 +284,38 @@ def read_cache(directory: str) -> TokenizedSet | None:
 
 
 def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: str | None = None,
-                 with_records: bool = True) -> tuple[list[dict] | None, TokenizedSet]:
+                 with_records: bool = True, tfds_data_dir: str = "") -> tuple[list[dict] | None, TokenizedSet]:
     """Validated records (None when not asked for) and their tokenized set, cached on disk
     when `cache_dir` is set.
 
-    A cached set is used only for the same file contents, tokenizer, size limit and format
-    version; it is memory-mapped, so a training set costs its token count in int32 pages.
-    With a cache hit and `with_records=False` the JSON is not even parsed (the cache was
-    made from a file that validated, and its key is the file's bytes).
+    `path` is a Coconut JSON file or a TFDS split `tfds:NAME/SPLIT` (in `tfds_data_dir`,
+    see `coconut_jax.tfds_source`), whose records are the same, in the same order, as the file
+    it was packed from. A cached set is used only for the same contents, tokenizer, size
+    limit and format version; it is memory-mapped, so a training set costs its token count
+    in int32 pages. With a cache hit and `with_records=False` the records are not even read
+    (the cache was made from records that validated, and its key is their contents).
     """
-    if not os.path.isfile(path):
+    from coconut_jax import tfds_source
+    tfds = tfds_source.is_tfds(path)
+    if tfds:
+        try:
+            digest = tfds_source.fingerprint(path, tfds_data_dir)
+        except (ValueError, ImportError, FileNotFoundError) as e:
+            raise DataError(str(e)) from e
+    elif not os.path.isfile(path):
         raise DataError(f"{path}: dataset file not found")
-    cache = os.path.join(cache_dir, _cache_key(path, tokenizer, max_size)) if cache_dir else None
+    else:
+        digest = file_digest(path)
+    cache = os.path.join(cache_dir, _cache_key(digest, tokenizer, max_size)) if cache_dir else None
     ts = read_cache(cache) if cache else None
-    records = load_records(path, max_size) if (with_records or ts is None) else None
+    records = None
+    if with_records or ts is None:
+        if tfds:
+            records = tfds_source.read_records(path, tfds_data_dir, max_size)
+            for i, r in enumerate(records):
+                _validate(path, i, r)
+        else:
+            records = load_records(path, max_size)
     if ts is None:
         ts = tokenize_records(records, tokenizer, path)
         if cache:

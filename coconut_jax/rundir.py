@@ -47,12 +47,15 @@ def _plain(value):
 
 def _path_field(c, field):
     value = c[field]
-    return os.path.abspath(value) if field.endswith("_path") and value not in ("", "None") else value
+    local = value not in ("", "None") and not str(value).startswith("tfds:")
+    return os.path.abspath(value) if field.endswith("_path") and local else value
 
 
 def identity(c) -> dict:
     """What defines the run configured by `c` (see TRAIN_FIELDS / EVAL_FIELDS)."""
     fields = EVAL_FIELDS if c.only_eval else TRAIN_FIELDS
+    if any(str(c[f]).startswith("tfds:") for f in ("train_path", "val_path")):
+        fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
     return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
 
 

@@ -53,9 +53,12 @@ class Trainer:
         self.model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
                                   remat=c.remat, fused_attention=c.fused_attention)
         self.state = steps.TrainState(self.model, params, self.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype))
-        self.val_records, self.val_examples = data.load_dataset(c.val_path, self.tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir)
+        self.val_records, self.val_examples = data.load_dataset(
+            c.val_path, self.tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir,
+            tfds_data_dir=c.tfds_data_dir)
         self.train_examples = [] if c.only_eval else data.load_dataset(
-            c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir, with_records=False)[1]
+            c.train_path, self.tok, 5000 if c.debug else None, c.cache_dir, with_records=False,
+            tfds_data_dir=c.tfds_data_dir)[1]
         self.eval_rows = config_lib.eval_rows(c.eval_batch_size, jax.default_backend())
         self.max_new = c.max_new_tokens or (64 if "gsm" in os.path.basename(c.val_path) else 128)
         self.step, self.epoch, self.batch_in_epoch, self.best_acc = 0, c.resume, 0, None
