@@ -116,9 +116,20 @@ def test_incremental_passes_against_past_keys_equal_full(pair):
     assert kv["k"].shape[2] == model.config.num_key_value_heads  # the cache holds kv heads only
 
 
-def test_layer_forms_agree(pair):
-    """Scanned, rematerialised and fused-attention forms compute the same function."""
-    model, params, _, _ = pair
+@pytest.fixture(scope="module", params=["llama_gqa_untied_llama3rope", "qwen3_gqa_untied"])
+def coconut_pair(request):
+    """Two variants for the Coconut computations (the model-level checks above cover all four;
+    these add only how the latent passes and decoding use the model)."""
+    cfg = VARIANTS[request.param]
+    model = models.build(cfg)
+    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32),
+                          jax.tree.map(np.asarray, model.init(2)))
+    return model, params
+
+
+def test_layer_forms_agree(coconut_pair):
+    """Scanned, rematerialised and fused-attention (grouped heads) forms compute the same function."""
+    model, params = coconut_pair
     ids, mask, pos = _batch()
     base = np.asarray(_ours(model.replace(fused_attention=False), params, ids, mask, pos))
     real = mask.astype(bool)
@@ -136,17 +147,6 @@ def _coconut_batch():
         return ids, [data.IGNORE] * (q + n_lat + 2) + ids[q + n_lat + 2:]
     seqs = [seq(5, 4, 6), seq(9, 2, 3), seq(3, 0, 8)]
     return data.collate(seqs, [0, 1, 2], latent_id=L, pad_id=PAD, batch_size=3, multiple=8)
-
-
-@pytest.fixture(scope="module", params=["llama_gqa_untied_llama3rope", "qwen3_gqa_untied"])
-def coconut_pair(request):
-    """Two variants for the Coconut computations (the model-level checks above cover all four;
-    these add only how the latent passes and decoding use the model)."""
-    cfg = VARIANTS[request.param]
-    model = models.build(cfg)
-    params = jax.tree.map(lambda x: x + 0.05 * np.random.default_rng(0).standard_normal(x.shape).astype(np.float32),
-                          jax.tree.map(np.asarray, model.init(2)))
-    return model, params
 
 
 def test_fast_latent_forward_equals_slow_reference(coconut_pair):
