@@ -90,12 +90,17 @@ def model_flops(model, tokens: int, length: int) -> float:
     """6 x (the params matmuls use: all but the position table, and the input embedding
     counted once, as the head) x tokens + the attention matmuls (PaLM's count)."""
     shapes = model.param_shapes()
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    n = count(shapes)
     n -= int(np.prod(shapes["wpe"].shape)) if "wpe" in shapes else 0
     n -= int(np.prod(shapes["wte"].shape)) if "lm_head" in shapes else 0
     cfg = model.config
     width = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", 0) or cfg.n_embd
     return 6.0 * n * tokens + 12.0 * cfg.n_layer * width * length * tokens
+
+
+def count(shapes) -> int:
+    """The number of parameters of a tree of shapes."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
 def gib(n: int) -> float:
@@ -133,7 +138,7 @@ def main():
     kind = jax.devices()[0].device_kind
     out = {"device": kind, "backend": jax.default_backend(), "shape": a.shapes, "batch": batch, "length": length,
            "family": models.model_type(cfg), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
-           "params_m": round(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract)) / 1e6, 1),
+           "params_m": round(count(abstract) / 1e6, 1),
            "dtype": jnp.dtype(dtype).name, "param_dtype": a.param_dtype, "dropout": not a.no_dropout}
     compiled, batches = {}, {}
     for n in (int(x) for x in a.thoughts.split(",")):

@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa".
     c.prepare = ml_collections.ConfigDict({
         "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
-        # The model family built (coconut_jax.tiny.FAMILIES: gpt2, llama, qwen2, qwen3).
+        # The model family built (coconut_jax.models.FAMILIES: gpt2, llama, qwen2, qwen3).
         "family": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
         # Graph size, reasoning steps (equally likely; () = the published distribution) and
         # the number of distinct concept names (0 = all).
@@ -139,8 +139,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
     need(c.prepare.kind in ("", "synthetic_prosqa"), f"prepare.kind={c.prepare.kind!r} must be '' or 'synthetic_prosqa'")
-    need(c.prepare.family in ("gpt2", "llama", "qwen2", "qwen3"),
-         f"prepare.family={c.prepare.family!r} must be gpt2, llama, qwen2 or qwen3")
+    from coconut_jax.models import FAMILIES
+    need(c.prepare.family in FAMILIES, f"prepare.family={c.prepare.family!r} must be one of {', '.join(FAMILIES)}")
     if not c.prepare.kind:
         from coconut_jax import tfds_source
         for field in ("val_path",) + (() if c.only_eval else ("train_path",)):

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint
+from coconut_jax import checkpoint, tfds_source
 from coconut_jax.files import write_atomic
 from coconut_jax.data import LATENT_METHODS
 
@@ -47,14 +47,14 @@ def _plain(value):
 
 def _path_field(c, field):
     value = c[field]
-    local = value not in ("", "None") and not str(value).startswith("tfds:")
+    local = value not in ("", "None") and not tfds_source.is_tfds(value)
     return os.path.abspath(value) if field.endswith("_path") and local else value
 
 
 def identity(c) -> dict:
     """What defines the run configured by `c` (see TRAIN_FIELDS / EVAL_FIELDS)."""
     fields = EVAL_FIELDS if c.only_eval else TRAIN_FIELDS
-    if any(str(c[f]).startswith("tfds:") for f in ("train_path", "val_path")):
+    if any(tfds_source.is_tfds(c[f]) for f in ("train_path", "val_path")):
         fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
     return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
 

@@ -60,31 +60,42 @@ def decode(example: dict) -> dict:
     return record
 
 
-def _open(path: str, data_dir: str):
+def _failed(path: str, data_dir: str, e: Exception) -> FileNotFoundError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    where = f" in {data_dir}" if data_dir else ""
+    return FileNotFoundError(f"{path}: no such TFDS dataset split{where} ({type(e).__name__}: {first})")
+
+
+def _split_info(path: str, data_dir: str):
+    """(the dataset's info, the split's info), from its metadata files alone."""
     tfds = import_tfds(path)
     name, split = parse(path)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir or None)
-        source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-    except Exception as e:  # TFDS raises many types (not found, unknown split, bad files)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        where = f" in {data_dir}" if data_dir else ""
-        raise FileNotFoundError(f"{path}: no such TFDS dataset split{where} ({type(e).__name__}: {first})") from e
-    return builder, source
+    try:  # TFDS raises many types (not found, bad files)
+        info = tfds.builder(name, data_dir=data_dir or None).info
+    except Exception as e:
+        raise _failed(path, data_dir, e) from e
+    if split not in info.splits:
+        raise _failed(path, data_dir, KeyError(f"splits: {', '.join(sorted(info.splits))}"))
+    return info, info.splits[split]
 
 
 def read_records(path: str, data_dir: str, max_size: int | None = None) -> list[dict]:
     """The first `max_size` records (all when None) of the split, in their stored order, read
     by random access: only those records are read."""
-    _, source = _open(path, data_dir)
+    tfds = import_tfds(path)
+    name, split = parse(path)
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    except Exception as e:
+        raise _failed(path, data_dir, e) from e
     n = len(source) if not max_size else min(max_size, len(source))
     return [decode(source[i]) for i in range(n)]
 
 
 def fingerprint(path: str, data_dir: str) -> str:
     """What identifies the split's contents: the digest of the JSON file it was packed from
-    (recorded by the packer) and the split's size."""
-    builder, source = _open(path, data_dir)
-    _, split = parse(path)
-    sources = dict(builder.info.metadata or {}).get(SOURCES_KEY, {})
-    return f"{sources.get(split, builder.info.version)}|{len(source)}"
+    (recorded by the packer) and the split's size. Reads the metadata only, so a run that
+    finds its token cache never opens the record files."""
+    info, split = _split_info(path, data_dir)
+    sources = dict(info.metadata or {}).get(SOURCES_KEY, {})
+    return f"{sources.get(split.name, info.version)}|{split.num_examples}"

@@ -18,7 +18,7 @@ from coconut_jax import hf, induction, models
 from coconut_jax.models.gpt2 import GPT2Config
 from coconut_jax.models.llama import LlamaConfig
 
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")
+FAMILIES = tuple(models.FAMILIES)
 # The pre-tokenizer split patterns of Llama 3 and Qwen2 (digits in threes vs one by one).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
