@@ -73,9 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.fused_attention = True           # jax.nn.dot_product_attention where no attention dropout applies
     c.loss_chunk = 128                 # loss over this many positions at a time (0: all logits at once)
     c.param_dtype = "float32"          # "bfloat16": params, gradients and Adam moments in bf16
-    # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa".
+    # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa". The data,
+    # like the initial weights and the order, follow `seed`.
     c.prepare = ml_collections.ConfigDict({
-        "kind": "", "train": 0, "valid": 0, "seed": 0, "vocab_size": 512,
+        "kind": "", "train": 0, "valid": 0, "vocab_size": 512,
         # The model family built (coconut_jax.models.FAMILIES: gpt2, llama, qwen2, qwen3).
         "family": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 4, "n_positions": 512,
         # Graph size, reasoning steps (equally likely; () = the published distribution) and

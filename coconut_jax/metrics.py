@@ -62,11 +62,17 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def last_evals(events: list[dict]) -> dict[int, dict]:
+    """The last evaluation of each stage: {stage: event}, stages in order."""
+    last = {e["stage"]: e for e in events if "eval/acc" in e}
+    return dict(sorted(last.items()))
+
+
 def stage_table(path: str) -> str:
     """The last evaluation of each stage of a run's metrics file, as a text table."""
-    last = {e["stage"]: e for e in read_metrics(path) if "eval/acc" in e}
+    last = last_evals(read_metrics(path))
     lines = [f"{'stage':>5} {'thoughts':>8} {'val loss':>9} {'accuracy':>9} {'CoT match':>9} {'new tokens':>10}"]
-    for stage, e in sorted(last.items()):
+    for stage, e in last.items():
         lines.append(f"{stage:>5} {e['eval/thoughts']:>8} {e.get('eval/loss', float('nan')):>9.4f} "
                      f"{e['eval/acc']:>9.3f} {e['eval/cot_em']:>9.3f} {e['eval/new_tokens']:>10.1f}")
     return "\n".join(lines)

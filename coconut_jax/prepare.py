@@ -44,9 +44,9 @@ def build(c, root: str) -> None:
     graph = prosqa_generator.GraphConfig(min_nodes=p.min_nodes, max_nodes=p.max_nodes, n_concepts=p.n_concepts)
     if p.steps:
         graph = dataclasses.replace(graph, steps_distribution=tuple((int(s), 1.0) for s in p.steps))
-    records = prosqa_generator.generate(p.train, seed=p.seed * 1000, g=graph)
+    records = prosqa_generator.generate(p.train, seed=c.seed * 1000, g=graph)
     write_json(records, train)
-    write_json(prosqa_generator.generate(p.valid, seed=p.seed * 1000 + 1, g=graph), valid)
+    write_json(prosqa_generator.generate(p.valid, seed=c.seed * 1000 + 1, g=graph), valid)
     tiny.build(tiny.record_texts(records), model_dir, vocab_size=p.vocab_size, n_layer=p.n_layer,
                n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed,
                induction_heads=p.induction_heads, family=p.family)
