@@ -116,11 +116,12 @@ def plot_concept_mass(cm: ConceptMass, distance: dict[int, int], path: str) -> s
     return save_figure(fig, path, dpi=120)
 
 
-def plot_accuracy_by_thoughts(acc: dict[int, float], path: str) -> str:
+def plot_accuracy_by_thoughts(acc: dict[int, float], path: str, thoughts_per_step: int = 1) -> str:
+    """`acc` by k latent stages, drawn against the k * thoughts_per_step thoughts they use."""
     fig, ax = pyplot().subplots(figsize=(4.5, 3))
     ks = sorted(acc)
-    ax.plot(ks, [acc[k] for k in ks], marker="o")
-    ax.set_xlabel("continuous thoughts at inference (k)")
+    ax.plot([k * thoughts_per_step for k in ks], [acc[k] for k in ks], marker="o")
+    ax.set_xlabel("continuous thoughts at inference")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -168,9 +169,11 @@ def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) 
     acc = accuracy_by_thoughts(trainer.model, trainer.params, trainer.val_examples, trainer.val_records, cur, tokens,
                                tok, max_k=max_k, batch_size=trainer.eval_rows, max_new_tokens=trainer.max_new,
                                multiple=trainer.c.eval_pad_to_multiple)
-    print("accuracy by thoughts at inference: " + ", ".join(f"k={k}: {a:.3f}" for k, a in acc.items()))
+    # k counts latent stages; with c_thought > 1 each one is several thoughts.
+    per = cur.thoughts_per_step
+    print("accuracy by thoughts at inference: " + ", ".join(f"{k * per} (k={k}): {a:.3f}" for k, a in acc.items()))
     result["accuracy_by_k"] = acc
-    result["accuracy_plot"] = plot_accuracy_by_thoughts(acc, os.path.join(out_dir, "accuracy_by_k.png"))
+    result["accuracy_plot"] = plot_accuracy_by_thoughts(acc, os.path.join(out_dir, "accuracy_by_k.png"), per)
     return result
 
 

@@ -2,7 +2,7 @@
 
 A pretrained GPT-2 brings heads that find an earlier occurrence of a pattern and copy what
 followed it; Coconut's ProsQA results rest on them. A GPT-2 trained from random weights has to
-grow them first, and on ProsQA-style facts that takes far longer than the demo's ten CPU minutes
+grow them first, and on ProsQA-style facts that takes far longer than the demo's CPU budget
 (`benchmarks/lookup.py` measures it). `wire_induction_heads` sets the initial weights of a
 2+-layer GPT-2 so that, for facts written "<subject> is a <object>" (or "Every <subject> is a
 <object>"), the position after "<subject> is a" attends to the object of the fact with the same
