@@ -14,8 +14,10 @@ published files (`idx_to_symbol`, `edges`, `root`, `target`, `neg_target`).
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import dataclasses
+import itertools
 import os
 
 import numpy as np
@@ -42,6 +44,32 @@ class GraphConfig:
     n_concepts: int = 0  # draw concept names from the first n of CONCEPTS only (0: all of them)
 
 
+def _weighted_sample(rng: np.random.Generator, weights: list[float], k: int) -> list[int]:
+    """`rng.choice(len(weights), size=k, replace=False, p=weights / sum)`: the same draws from
+    `rng` and the same indices, in the same order (numpy's algorithm: draw the missing ones
+    against the cumulative weights of those not yet chosen, keep first occurrences, repeat), in
+    plain Python, because for pools of a few dozen numpy's per-call overhead dominated the
+    generator. Bit-equal whenever the weights' sum does not depend on the order of the additions,
+    as for these weights (multiples of 1/2); tests/test_data_prep.py checks it against numpy."""
+    total = sum(weights)
+    p = [w / total for w in weights]
+    found: list[int] = []
+    while len(found) < k:
+        x = rng.random(k - len(found)).tolist()
+        for i in found:
+            p[i] = 0.0
+        cdf = list(itertools.accumulate(p))
+        last = cdf[-1]
+        cdf = [c / last for c in cdf]
+        new: list[int] = []
+        for xi in x:
+            j = bisect.bisect_right(cdf, xi)
+            if j not in new:
+                new.append(j)
+        found.extend(new)
+    return found
+
+
 def _grow(rng: np.random.Generator, n: int, g: GraphConfig):
     parents: list[list[int]] = [[], []]
     depth = [0, 0]
@@ -57,8 +85,8 @@ def _grow(rng: np.random.Generator, n: int, g: GraphConfig):
         k = min(int(rng.poisson(g.mean_parents)), len(pool))
         chosen: list[int] = []
         if k:
-            w = np.array([g.depth_weight * depth[u] + 1 for u in pool], float)
-            chosen = sorted(int(pool[i]) for i in rng.choice(len(pool), size=k, replace=False, p=w / w.sum()))
+            w = [g.depth_weight * depth[u] + 1 for u in pool]
+            chosen = sorted(pool[i] for i in _weighted_sample(rng, w, k))
         parents.append(chosen)
         depth.append(1 + max(depth[p] for p in chosen) if chosen else 0)
         if any(p in from0 for p in chosen):

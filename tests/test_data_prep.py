@@ -88,6 +88,21 @@ def test_generator_statistics_match_the_published_ones():
         assert abs(stats[key] - value) / value <= 0.10, (key, stats[key])
 
 
+def test_weighted_sample_draws_exactly_as_numpy_choice():
+    """The generator's sampler stands in for `rng.choice(..., replace=False, p=...)`: the same
+    indices from the same draws, so the data a seed made before is the data it makes now."""
+    import numpy as np
+    pick = np.random.default_rng(7)
+    for trial in range(3000):
+        n = int(pick.integers(1, 30))
+        w = [1.5 * int(d) + 1 for d in pick.integers(0, 12, n)]
+        k = int(pick.integers(1, n + 1))
+        a, b = np.random.default_rng(trial), np.random.default_rng(trial)
+        expected = a.choice(n, size=k, replace=False, p=np.array(w) / np.sum(w)).tolist()
+        assert prosqa_generator._weighted_sample(b, w, k) == expected, (w, k)
+        assert a.random() == b.random()  # the same number of draws taken
+
+
 def test_generator_is_seeded():
     assert prosqa_generator.generate(5, seed=1) == prosqa_generator.generate(5, seed=1)
     assert prosqa_generator.generate(5, seed=1) != prosqa_generator.generate(5, seed=2)
