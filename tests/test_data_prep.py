@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from data_prep import gsm8k, prontoqa, prosqa_generator
@@ -91,7 +92,6 @@ def test_generator_statistics_match_the_published_ones():
 def test_weighted_sample_draws_exactly_as_numpy_choice():
     """The generator's sampler stands in for `rng.choice(..., replace=False, p=...)`: the same
     indices from the same draws, so the data a seed made before is the data it makes now."""
-    import numpy as np
     pick = np.random.default_rng(7)
     for trial in range(3000):
         n = int(pick.integers(1, 30))
