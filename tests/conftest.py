@@ -2,10 +2,43 @@ import os
 import subprocess
 import sys
 
-# The suite's in-process programs run a few times each: XLA's backend optimisation costs more
-# compile time than it saves there. CLI subprocesses (run_cli) keep the default.
-_USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")
-os.environ["XLA_FLAGS"] = ((_USER_XLA_FLAGS or "") + " --xla_backend_optimization_level=0").strip()
+# The suite's programs run a few steps each: XLA's backend optimisation and its fusion emitters
+# cost more compile time than they save there (a tiny CLI run, cold: 47 s by default, 33 s at
+# optimisation level 0, 23 s without the emitters too). In-process programs and every
+# subprocess compile that way; only a test that trains for minutes asks for XLA's defaults
+# (run_cli(..., optimize=True): the short demo trains at 2.6 steps/s at level 0, 5 by default).
+# The user's flags and the probe's answer are kept in the environment: the workers of a parallel
+# run inherit the XLA_FLAGS this module sets, not the user's.
+os.environ.setdefault("COCONUT_TESTS_USER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+_USER_XLA_FLAGS = os.environ["COCONUT_TESTS_USER_XLA_FLAGS"]
+
+
+def _fast_compile_flags():
+    """The compile-time flags this XLA accepts (it aborts on a flag it does not know, and a
+    newer release may drop one)."""
+    flags = "--xla_backend_optimization_level=0"
+    emitters = "--xla_cpu_use_fusion_emitters=false"
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": emitters})
+    return f"{flags} {emitters}" if probe.returncode == 0 else flags
+
+
+if "COCONUT_TESTS_FAST_COMPILE" not in os.environ:
+    os.environ["COCONUT_TESTS_FAST_COMPILE"] = _fast_compile_flags()
+_FAST_COMPILE = os.environ["COCONUT_TESTS_FAST_COMPILE"].split()
+
+
+def xla_flags(devices=None, optimize=False):
+    """XLA_FLAGS for a subprocess: the user's, `devices` host devices, fast compilation or not."""
+    flags = [_USER_XLA_FLAGS or ""]
+    if devices:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    if not optimize:
+        flags += _FAST_COMPILE
+    return " ".join(f for f in flags if f)
+
+
+os.environ["XLA_FLAGS"] = xla_flags()
 
 import jax  # noqa: E402
 import pytest
@@ -53,18 +86,35 @@ def _xla_cache(tmp_path_factory):
     XLA_CACHE["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
 
 
-def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py"):
-    """`python -m coconut_jax.train` on a config of the repository, in a subprocess."""
+# The slowest test first: in a parallel run (`-n 2`) the other worker takes the rest meanwhile.
+FIRST = ("tests/test_demo.py::test_demo_runs_end_to_end_and_learns",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid not in FIRST)
+
+
+def one_core():
+    """Pins the calling process to one of the cores it may use (a subprocess's preexec_fn):
+    XLA's CPU thread pool then has one thread on any machine, so the run computes the same
+    floats whatever the core count, and it shares the cores with a parallel suite without
+    oversubscribing them."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+
+
+def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py",
+            devices=None, optimize=False, pin=False):
+    """`python -m coconut_jax.train` on a config of the repository, in a subprocess (on `devices`
+    host devices; with XLA's default optimisations when `optimize`; on one core when `pin`)."""
     cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, config),
            f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
-    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if _USER_XLA_FLAGS:
-        base["XLA_FLAGS"] = _USER_XLA_FLAGS
-    full_env = {**base, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {})}
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {}),
+                "XLA_FLAGS": xla_flags(devices, optimize)}
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)
-    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True)
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture,
+                                preexec_fn=one_core if pin else None)
+    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, preexec_fn=one_core if pin else None)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
     return r

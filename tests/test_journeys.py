@@ -153,9 +153,8 @@ def test_coconut_run_killed_twice_resumes_exactly(gsm_chain, world, tmp_path):
 def test_prosqa_on_8_devices_then_eval_on_one(world, tmp_path):
     """Trained with data x fsdp = 4 x 2 and an evaluation batch (6) that 8 does not divide;
     evaluated in another process on one device: the same accuracy and loss."""
-    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     run_cli(tmp_path, *data_paths(world, "prosqa"), *SIZES, "--config.num_epochs=2", "--config.epochs_per_stage=1",
-            "--config.mesh.data=4", "--config.mesh.fsdp=2", env=eight, config="configs/prosqa.py")
+            "--config.mesh.data=4", "--config.mesh.fsdp=2", devices=8, config="configs/prosqa.py")
     last = evals(tmp_path / "prosqa-coconut")[-1]
     step = max(int(n) for n in os.listdir(tmp_path / "prosqa-coconut" / "checkpoints") if n.isdigit())
     run_cli(tmp_path, *data_paths(world, "prosqa"), *SIZES, "--config.epochs_per_stage=1", "--config.resume=1",

@@ -9,7 +9,7 @@ import pytest
 from coconut_jax import config as config_lib, data, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, xla_flags
 
 
 def test_compilation_cache_dir_precedence(monkeypatch):
@@ -116,7 +116,7 @@ for name in ("wte", ("h", "0", "c_fc", "kernel")):
 print("ok")
 """
     import subprocess, sys
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=8)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
@@ -206,8 +206,7 @@ def test_bad_configs(tmp_path, override, message):
     (("--config.global_batch_size=6",), "error: config: micro-batch (global_batch_size / gradient_accumulation_steps = 6) is not divisible by the 4"),
 ])
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"} if "global_batch_size=6" in args[0] else None
-    r = run_cli(tmp_path, *args, check=False, env=env)
+    r = run_cli(tmp_path, *args, check=False, devices=4 if "global_batch_size=6" in args[0] else None)
     assert r.returncode == 2, r.stderr[-2000:]
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
