@@ -94,27 +94,28 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid not in FIRST)
 
 
-def one_core():
-    """Pins the calling process to one of the cores it may use (a subprocess's preexec_fn):
-    XLA's CPU thread pool then has one thread on any machine, so the run computes the same
-    floats whatever the core count, and it shares the cores with a parallel suite without
-    oversubscribing them."""
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
+# Runs the rest of its command line pinned to one of the cores it may use: XLA's CPU thread pool
+# then has one thread on any machine, so the run computes the same floats whatever the core
+# count, and it shares the cores with a parallel suite without oversubscribing them. (Pinning in
+# the child itself, before exec: a preexec_fn would run Python between fork and exec of a
+# multithreaded process.)
+ONE_CORE = ("import os, sys; os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1]); "
+            "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
 def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py",
             devices=None, optimize=False, pin=False):
     """`python -m coconut_jax.train` on a config of the repository, in a subprocess (on `devices`
     host devices; with XLA's default optimisations when `optimize`; on one core when `pin`)."""
-    cmd = [sys.executable, "-m", "coconut_jax.train", "--config", os.path.join(ROOT, config),
-           f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache", *overrides]
+    cmd = [sys.executable, *(("-c", ONE_CORE) if pin else ()), "-m", "coconut_jax.train", "--config",
+           os.path.join(ROOT, config), f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache",
+           *overrides]
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {}),
                 "XLA_FLAGS": xla_flags(devices, optimize)}
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
-        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture,
-                                preexec_fn=one_core if pin else None)
-    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, preexec_fn=one_core if pin else None)
+        return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)
+    r = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr[-3000:])
     return r
