@@ -30,12 +30,17 @@ _FAST_COMPILE = os.environ["COCONUT_TESTS_FAST_COMPILE"].split()
 
 def xla_flags(devices=None, optimize=False):
     """XLA_FLAGS for a subprocess: the user's, `devices` host devices, fast compilation or not."""
-    flags = [_USER_XLA_FLAGS or ""]
+    flags = [_USER_XLA_FLAGS]
     if devices:
         flags.append(f"--xla_force_host_platform_device_count={devices}")
     if not optimize:
         flags += _FAST_COMPILE
     return " ".join(f for f in flags if f)
+
+
+def subprocess_env(devices=None, optimize=False):
+    """The environment of a test's subprocess: this one's, on the CPU, with xla_flags()."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices, optimize)}
 
 
 os.environ["XLA_FLAGS"] = xla_flags()
@@ -110,8 +115,7 @@ def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=Fa
     cmd = [sys.executable, *(("-c", ONE_CORE) if pin else ()), "-m", "coconut_jax.train", "--config",
            os.path.join(ROOT, config), f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache",
            *overrides]
-    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE, **(env or {}),
-                "XLA_FLAGS": xla_flags(devices, optimize)}
+    full_env = {**subprocess_env(devices, optimize), **XLA_CACHE, **(env or {})}
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)

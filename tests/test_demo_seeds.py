@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, XLA_CACHE
+from tests.conftest import ROOT, XLA_CACHE, subprocess_env
 
 _spec = importlib.util.spec_from_file_location("demo_seeds", os.path.join(ROOT, "benchmarks", "demo_seeds.py"))
 demo_seeds = importlib.util.module_from_spec(_spec)
@@ -40,7 +40,7 @@ def test_sweep_runs_each_seed_with_its_baseline_on_its_own_data(tmp_path):
     """Two seeds of configs/tiny.py, two trainings at a time: four run directories, the seeds'
     generated data and initial weights differ, the summary reads what the runs logged."""
     out = tmp_path / "sweep"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **XLA_CACHE}
+    env = {**subprocess_env(), **XLA_CACHE}
     r = subprocess.run([sys.executable, os.path.join("benchmarks", "demo_seeds.py"), "--seeds", "0,1", "--jobs", "2",
                         "--config", os.path.join("configs", "tiny.py"), "--save_path", str(out), "--name", "tiny",
                         "--config.num_epochs=2", f"--config.cache_dir={tmp_path}/cache"],

@@ -2,7 +2,6 @@
 Coconut computations on them."""
 import dataclasses
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -401,9 +400,9 @@ def test_sharded_training_step_on_8_devices_equals_one_device():
     """data x fsdp x tensor meshes (tensor 2 and 4: the 2 kv heads split only over 2)."""
     import subprocess
     import sys
-    from tests.conftest import ROOT, xla_flags
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=8)}
-    r = subprocess.run([sys.executable, "-c", SHARDED_STEP], env=env, capture_output=True, text=True, cwd=ROOT)
+    from tests.conftest import ROOT, subprocess_env
+    r = subprocess.run([sys.executable, "-c", SHARDED_STEP], env=subprocess_env(devices=8), capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
 
 

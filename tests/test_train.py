@@ -9,7 +9,7 @@ import pytest
 from coconut_jax import config as config_lib, data, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
-from tests.conftest import ROOT, run_cli, xla_flags
+from tests.conftest import ROOT, run_cli, subprocess_env
 
 
 def test_compilation_cache_dir_precedence(monkeypatch):
@@ -116,8 +116,8 @@ for name in ("wte", ("h", "0", "c_fc", "kernel")):
 print("ok")
 """
     import subprocess, sys
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices=8)}
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices=8), capture_output=True, text=True,
+                       cwd=ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
 
 
