@@ -81,7 +81,7 @@ def test_loss_gradients_match_transformers(pair):
         ours = np.asarray(get_path(grads, t.path))
         theirs = ref_grads[f"transformer.{t.name}"]
         rel = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-12)
-        assert rel <= 1e-4, (name, rel)
+        assert rel <= 1e-4, (t.name, rel)
 
 
 def test_incremental_passes_against_past_keys_equal_full(pair):
