@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,9 +87,35 @@ def shared_file(name):
 XLA_CACHE = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
+def session_dir(tmp_path_factory):
+    """The test session's own temporary directory: in a parallel run (pytest-xdist), the one
+    its workers share (each worker's base directory is inside it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name, build):
+    """`tmp/name`, filled by `build(path)` once per test session: in a parallel run the first
+    worker to ask builds it while the other waits, then both use it. Only for what tests read
+    and never change."""
+    from filelock import FileLock
+    path = session_dir(tmp_path_factory) / name
+    with FileLock(f"{path}.lock"):
+        if not (path / ".built").exists():
+            shutil.rmtree(path, ignore_errors=True)  # what a failed build left
+            path.mkdir()
+            build(path)
+            (path / ".built").touch()
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _xla_cache(tmp_path_factory):
-    XLA_CACHE["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
+    # One cache for both workers of a parallel run: JAX locks its cache directory, and a program
+    # one worker compiled (the tiny config's, in many tests) the other loads.
+    path = session_dir(tmp_path_factory) / "xla_cache"
+    path.mkdir(exist_ok=True)
+    XLA_CACHE["JAX_COMPILATION_CACHE_DIR"] = str(path)
 
 
 # The slowest test first: in a parallel run (`-n 2`) the other worker takes the rest meanwhile.
@@ -128,9 +155,7 @@ def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=Fa
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """configs/tiny.py trained once (3 epochs: CoT, then 1 and 2 thoughts); its run directory."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    run_cli(root)
-    return os.path.join(root, "tiny")
+    return os.path.join(built_once(tmp_path_factory, "tiny_run", run_cli), "tiny")
 
 
 def assert_first_epochs_match(ref_dir, got_dir, keys, epochs=2, tol=1e-5):

@@ -1,7 +1,7 @@
 """The runs users chain, through the real config files, with only paths and sizes overridden.
 
-gsm_cot -> gsm -> gsm_eval (and the Coconut run killed twice and restarted), prosqa on 8 devices
--> prosqa_eval on one, prontoqa in two processes -> prontoqa_eval in one, a reference YAML, and
+gsm_cot -> gsm -> gsm_eval (and the Coconut run killed twice and restarted), a run preempted on 4
+devices and resumed on 2, prosqa on 8 devices -> prosqa_eval on one, prontoqa in two processes -> prontoqa_eval in one, a reference YAML, and
 `only_eval` of every method. A tiny GPT-2 and a few dozen generated records keep each run short.
 """
 import json
@@ -15,7 +15,7 @@ import pytest
 
 from coconut_jax.metrics import read_metrics
 from data_prep.common import write_json
-from tests.conftest import ROOT, free_port, run_cli, stored_params
+from tests.conftest import ROOT, assert_first_epochs_match, built_once, free_port, run_cli, stored_params
 
 SIZES = ("--config.global_batch_size=8", "--config.eval_batch_size=6", "--config.max_new_tokens=8",
          "--config.print_examples=0", "--config.checkpoint_every_steps=0")
@@ -46,25 +46,30 @@ def prontoqa_records(n, seed):
     return out
 
 
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    """data/ of every published task (tiny) and one tiny GPT-2 whose tokenizer covers them."""
+SPLITS = ("train", "valid", "test")
+
+
+def _build_world(root):
     from coconut_jax import tiny
     from data_prep import prosqa_generator
-    root = tmp_path_factory.mktemp("world")
     g = prosqa_generator.GraphConfig(min_nodes=5, max_nodes=7, n_concepts=20, steps_distribution=((2, 1.0),))
     sets = {"gsm": (gsm_records(40, 0), gsm_records(6, 1), gsm_records(6, 2)),
             "prosqa": tuple(prosqa_generator.generate(n, seed=s, g=g) for n, s in ((32, 0), (6, 1), (6, 2))),
             "prontoqa": (prontoqa_records(32, 0), prontoqa_records(6, 1), prontoqa_records(6, 2))}
-    paths = {}
     for task, splits in sets.items():
-        for split, records in zip(("train", "valid", "test"), splits):
-            paths[f"{task}_{split}"] = str(root / "data" / f"{task}_{split}.json")
-            write_json(records, paths[f"{task}_{split}"])
+        for split, records in zip(SPLITS, splits):
+            write_json(records, str(root / "data" / f"{task}_{split}.json"))
     texts = [t for splits in sets.values() for t in tiny.record_texts(splits[0])]
-    paths["model"] = tiny.build(texts, str(root / "model"), vocab_size=500, n_layer=1, n_embd=32, n_head=2,
-                                n_positions=512, seed=0)
-    return paths
+    tiny.build(texts, str(root / "model"), vocab_size=500, n_layer=1, n_embd=32, n_head=2, n_positions=512, seed=0)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """data/ of every published task (tiny) and one tiny GPT-2 whose tokenizer covers them."""
+    root = built_once(tmp_path_factory, "world", _build_world)
+    paths = {f"{task}_{split}": str(root / "data" / f"{task}_{split}.json")
+             for task in ("gsm", "prosqa", "prontoqa") for split in SPLITS}
+    return {**paths, "model": str(root / "model")}
 
 
 def data_paths(world, task, train="train", valid="valid"):
@@ -88,26 +93,31 @@ GSM_COCONUT = ("--config.num_epochs=5",)  # resume=3 (the config): epochs 4-5, s
 
 @pytest.fixture(scope="session")
 def gsm_chain(world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("gsm_chain")
-    cot = run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COT, config="configs/gsm_cot.py")
-    coconut = run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COCONUT,
-                      f"--config.load_model_path={root}/gsm-cot/checkpoints", config="configs/gsm.py")
-    ev = run_cli(root, *data_paths(world, "gsm", valid="test"), *SIZES,
-                 f"--config.load_model_path={root}/gsm-coconut/checkpoints", config="configs/gsm_eval.py")
-    return root, cot, coconut, ev
+    """The chain run once: its directory and what each of its three commands printed."""
+    def build(root):
+        runs = {"cot": run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COT, config="configs/gsm_cot.py"),
+                "coconut": run_cli(root, *data_paths(world, "gsm"), *SIZES, *GSM_COCONUT,
+                                   f"--config.load_model_path={root}/gsm-cot/checkpoints", config="configs/gsm.py"),
+                "eval": run_cli(root, *data_paths(world, "gsm", valid="test"), *SIZES,
+                                f"--config.load_model_path={root}/gsm-coconut/checkpoints",
+                                config="configs/gsm_eval.py")}
+        for name, r in runs.items():
+            (root / f"{name}.stdout").write_text(r.stdout)
+    root = built_once(tmp_path_factory, "gsm_chain", build)
+    return root, {name: (root / f"{name}.stdout").read_text() for name in ("cot", "coconut", "eval")}
 
 
 def test_gsm_cot_then_coconut_then_eval(gsm_chain):
-    root, _, coconut, ev = gsm_chain
+    root, printed = gsm_chain
     with open(root / "gsm-cot" / "checkpoints" / "best.json") as f:
         best = json.load(f)["step"]
     # The Coconut run starts from the CoT run's best step (best.json), says so, and grows the vocabulary.
-    assert f"weights from {root}/gsm-cot/checkpoints/{best} (best by accuracy" in coconut.stdout
+    assert f"weights from {root}/gsm-cot/checkpoints/{best} (best by accuracy" in printed["coconut"]
     cot_evals, coconut_evals = evals(root / "gsm-cot"), evals(root / "gsm-coconut")
     assert [e["stage"] for e in cot_evals] == [0, 0]
     assert [(e["epoch"], e["stage"], e["eval/thoughts"]) for e in coconut_evals] == [(4, 1, 2.0), (5, 1, 2.0)]
     # The evaluation reads the Coconut run's best step and evaluates at stage 25 // 3 -> 3 steps x 2 thoughts.
-    assert f"{root}/gsm-coconut/checkpoints/" in ev.stdout
+    assert f"{root}/gsm-coconut/checkpoints/" in printed["eval"]
     (final,) = evals(root / "gsm-coconut-eval")
     assert final["stage"] == 8 and final["eval/thoughts"] == 6.0
     preds = [json.loads(line) for line in open(root / "gsm-coconut-eval" / "predictions_epoch26.jsonl")]
@@ -146,6 +156,23 @@ def test_coconut_run_killed_twice_resumes_exactly(gsm_chain, world, tmp_path):
     ref = read_metrics(root / "gsm-coconut" / "metrics.jsonl")
     assert without_speed(read_metrics(run / "metrics.jsonl")) == without_speed(ref)
     jax.tree.map(np.testing.assert_array_equal, stored_params(root / "gsm-coconut"), stored_params(run))
+
+
+def test_preempted_on_4_devices_resumed_on_2_continues_the_one_device_run(tiny_run, tmp_path):
+    """A job preempted mid-epoch on 4 devices (data x fsdp = 2 x 2) comes back on 2 (1 x 2):
+    the checkpoint is resharded on restore and the run ends where the uninterrupted run on one
+    device ends (the same figures up to the reductions' float order)."""
+    args = ("--config.checkpoint_every_steps=1",)
+    proc = run_cli(tmp_path, *args, "--config.mesh.data=2", "--config.mesh.fsdp=2", devices=4, popen=True)
+    run = tmp_path / "tiny"
+    _wait_for(proc, lambda: (run / "checkpoints" / "6").is_dir(), "a mid-epoch checkpoint of the second epoch")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = run_cli(tmp_path, *args, "--config.mesh.data=1", "--config.mesh.fsdp=2", devices=2)
+    assert "resumed from" in r.stdout and "epoch 2, batch 2" in r.stdout
+    assert_first_epochs_match(tiny_run, run, ("train/loss", "eval/loss", "eval/acc"), epochs=3)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), stored_params(tiny_run),
+                 stored_params(run))
 
 
 # -- ProsQA on 8 devices -> its evaluation on one ----------------------------------------------------
