@@ -111,8 +111,10 @@ def built_once(tmp_path_factory, name, build):
 
 @pytest.fixture(scope="session", autouse=True)
 def _xla_cache(tmp_path_factory):
-    # One cache for both workers of a parallel run: JAX locks its cache directory, and a program
-    # one worker compiled (the tiny config's, in many tests) the other loads.
+    # One cache for both workers of a parallel run: a program one worker compiled (the tiny
+    # config's, in many tests) the other loads. JAX does not lock the directory (eviction is
+    # off), but an entry read while it is being written fails to decompress, and JAX then warns
+    # and compiles: a race costs a compilation, never a wrong program.
     path = session_dir(tmp_path_factory) / "xla_cache"
     path.mkdir(exist_ok=True)
     XLA_CACHE["JAX_COMPILATION_CACHE_DIR"] = str(path)
