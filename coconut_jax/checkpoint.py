@@ -1,22 +1,114 @@
-"""Orbax checkpoints of a run: params, optimizer state and the loop position, saved atomically.
+"""Orbax checkpoints of a run: params, optimizer state and the loop position, saved atomically,
+verified when read back.
 
 Layout: `{run_dir}/checkpoints/{step}/` with items `state` (params + optimizer state) and
-`meta` (epoch, batch in epoch, stage, step, metrics-file length, best accuracy, method, model
-shape). Retention: every end-of-epoch checkpoint is kept (the reference keeps one per epoch),
-the newest mid-epoch one until the epoch ends, and `best.json` names the best by accuracy.
+`meta` (epoch, batch in epoch, stage, step, metrics-file length, best accuracy, the epoch's
+accuracy at an epoch end, method, and a checksum of every stored array). Retention: every
+end-of-epoch checkpoint is kept (the reference keeps one per epoch), the newest mid-epoch one
+until the epoch ends, and `best.json` names the best by accuracy.
+
+Damage (a failing disk, an interrupted copy between machines) is found when a step is read
+back: its metadata must parse, its arrays must decode, and each array must match the checksum
+stored with it (Orbax alone restores a flipped bit in a data file without a word). A run's own
+damaged step is renamed `{step}.damaged` (never deleted) and the next newest is tried; a write
+that fails is one `WriteError` naming the step, and leaves the steps before it as they were.
 """
 from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coconut_jax.files import write_atomic
+from coconut_jax.files import WriteError, cause, write_atomic
 
 BEST_FILE = "best.json"
+DAMAGED = ".damaged"
+
+
+class CheckpointFault(Exception):
+    """A checkpoint that cannot be used as it is; the message is one line."""
+
+
+class DamagedCheckpoint(CheckpointFault):
+    """A step that does not read back as it was written."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: damaged checkpoint ({why})")
+        self.path, self.why = path, why
+
+
+class CheckpointMismatch(CheckpointFault):
+    """A whole step whose stored arrays do not fit what this run's settings build."""
+
+
+class NoGoodCheckpoint(CheckpointFault):
+    """Every step of a run's checkpoints is damaged."""
+
+
+# -- checksums: order-free, so a checkpoint resharded onto another mesh verifies the same ------
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _arrays(tree) -> dict:
+    """{"params/h/0/c_fc/kernel": array} of the array leaves of a tree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): x for p, x in leaves if hasattr(x, "dtype") and hasattr(x, "shape")}
+
+
+@jax.jit
+def _device_sums(arrays: dict) -> dict:
+    # The bits of every element summed modulo 2**32: integer addition in any order gives the
+    # same figure, whatever the sharding; any one changed element changes it.
+    return {k: jnp.sum(jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32),
+                       dtype=jnp.uint32) for k, x in arrays.items()}
+
+
+def fingerprint(tree) -> dict:
+    """{path: [dtype, checksum]} of every array of a tree of device arrays."""
+    arrays = _arrays(tree)
+    sums = jax.device_get(_device_sums(arrays))
+    return {k: [str(arrays[k].dtype), int(sums[k])] for k in arrays}
+
+
+def host_fingerprint(tree) -> dict:
+    """`fingerprint` of host NumPy arrays (the same figures)."""
+    out = {}
+    for k, x in _arrays(tree).items():
+        bits = np.ascontiguousarray(x).view(np.dtype(f"u{x.dtype.itemsize}"))
+        out[k] = [str(x.dtype), int(np.sum(bits, dtype=np.uint64) % (1 << 32))]
+    return out
+
+
+def check_fingerprint(got: dict, stored: dict | None, where: str, prefix: str = "") -> None:
+    """Raises DamagedCheckpoint naming the first array whose checksum differs. Arrays read at
+    another dtype than stored (the run's `param_dtype` changed) cannot be compared."""
+    for path, (dtype, value) in (stored or {}).items():
+        if path.startswith(prefix) and path in got and got[path][0] == dtype and got[path][1] != value:
+            raise DamagedCheckpoint(where, f"{path} does not match its checksum")
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _all_hosts(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a restore must succeed everywhere or nowhere)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpoints:
@@ -26,7 +118,8 @@ class Checkpoints:
     Orbax writes them in the background under a temporary name, renamed when complete (a
     step directory is whole or absent). What depends on a finished step — deleting the
     mid-epoch steps an epoch end supersedes, naming the best step in best.json — runs
-    when it has finished: at the next save, `wait()` or `close()`.
+    when it has finished: at the next save, `wait()` or `close()`. A write that fails raises
+    `WriteError` there, before anything that depends on it runs.
     """
 
     def __init__(self, ckpt_dir: str, main: bool = True, asynchronous: bool = True):
@@ -35,18 +128,41 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=asynchronous))
         self._after: list = []  # actions waiting for the step being written
+        self._writing: int | None = None
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
+
+    def _write_error(self, step, e: BaseException) -> WriteError:
+        return WriteError(f"{os.path.join(self.dir, str(step))}: checkpoint not written ({cause(e)}); the steps "
+                          f"before it are intact, and the same command resumes from the newest of them")
+
+    def _check_writable(self, step: int) -> None:
+        """A directory that cannot be written (read-only, no permission, removed under the run)
+        fails here, in the caller's thread, before Orbax's background writers start: they would
+        each log the failure and wait minutes for one another before the process could exit."""
+        probe = os.path.join(self.dir, f".writable.{os.getpid()}")
+        try:
+            with open(probe, "w") as f:
+                f.write(str(step))
+            os.remove(probe)
+        except OSError as e:
+            raise self._write_error(step, e) from e
 
     def save(self, step: int, params, opt_state, meta: dict, *, end_of_epoch: bool = False,
              best_acc: float | None = None) -> None:
         """Starts writing `step`; once written, an end of epoch drops older mid-epoch steps and
         `best_acc` (when given) names this step in best.json."""
         self.wait()
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-            meta=ocp.args.JsonSave({**meta, "end_of_epoch": end_of_epoch})), force=True)
+        self._check_writable(step)
+        state = {"params": params, "opt_state": opt_state}
+        meta = {**meta, "end_of_epoch": end_of_epoch, "fingerprint": fingerprint(state)}
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            raise self._write_error(step, e) from e
+        self._writing = step
         if end_of_epoch:
             self._after.append(lambda: self.drop_mid_epoch(step))
         if best_acc is not None:
@@ -54,21 +170,128 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Blocks until the last save is on disk, then runs what waited for it."""
-        self.manager.wait_until_finished()
+        step, self._writing = self._writing, None
         after, self._after = self._after, []
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(step, e) from e
         for action in after:
-            action()
+            try:
+                action()
+            except OSError as e:
+                raise WriteError(f"{self.dir}: after writing step {step} ({cause(e)})") from e
 
     def drop_mid_epoch(self, keep_step: int) -> None:
-        """Deletes mid-epoch checkpoints older than `keep_step` (an end-of-epoch one)."""
+        """Deletes mid-epoch checkpoints older than `keep_step` (an end-of-epoch one). A step
+        whose metadata does not read is left for a restore to judge."""
         for step in self.manager.all_steps():
-            if step < keep_step and not read_meta(self.dir, step).get("end_of_epoch"):
-                self.manager.delete(step)
+            if step < keep_step:
+                try:
+                    mid_epoch = not read_meta(self.dir, step).get("end_of_epoch")
+                except (OSError, ValueError):
+                    continue
+                if mid_epoch:
+                    self.manager.delete(step)
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        """(state, meta) of `step`, verified: DamagedCheckpoint if it does not read back as
+        written, CheckpointMismatch if it is whole but not of this run's shapes."""
+        where = os.path.join(self.dir, str(step))
+        stored = stored_arrays(self.dir, step)
+        expected = {k: tuple(x.shape) for k, x in _arrays(abstract_state).items()}
+        diff = [f"{k} {stored[k][0] if k in stored else None} vs {expected.get(k)}"
+                for k in sorted(set(stored) | set(expected)) if k not in stored or stored[k][0] != expected.get(k)]
+        if diff:
+            raise CheckpointMismatch(f"{where}: its arrays do not fit this run's settings ({len(diff)} differ: "
+                                     f"{'; '.join(diff[:3])}); was the optimizer or the model changed?")
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise DamagedCheckpoint(where, cause(e)) from e
+        check_fingerprint(fingerprint(out["state"]), out["meta"].get("fingerprint"), where)
         return out["state"], out["meta"]
+
+    def newest_readable(self, say: Callable[[str], None]) -> int | None:
+        """The newest step whose array metadata reads, each unreadable newer one moved aside;
+        None when there is no checkpoint at all."""
+        found = sorted(self.manager.all_steps(), reverse=True)
+        for step in found:
+            try:
+                stored_arrays(self.dir, step)
+                error = None
+            except DamagedCheckpoint as e:
+                error = e
+            if _all_hosts(error is None):
+                return step
+            self.set_aside(step, error or self._elsewhere(step), say)
+        if found:
+            raise self._none_restores(len(found))
+        return None
+
+    def restore_newest(self, abstract_state: dict, say: Callable[[str], None]) -> tuple[int, dict, dict]:
+        """(step, state, meta) of the newest step that restores whole; each damaged newer one
+        is moved aside. NoGoodCheckpoint when none restores."""
+        found = sorted(self.manager.all_steps(), reverse=True)
+        for step in found:
+            try:
+                state, meta = self.restore(step, abstract_state)
+                error = None
+            except DamagedCheckpoint as e:
+                error = e
+            if _all_hosts(error is None):
+                return step, state, meta
+            self.set_aside(step, error or self._elsewhere(step), say)
+        raise self._none_restores(len(found))
+
+    def _elsewhere(self, step: int) -> DamagedCheckpoint:
+        return DamagedCheckpoint(os.path.join(self.dir, str(step)), "did not read back on another host")
+
+    def _none_restores(self, n: int) -> NoGoodCheckpoint:
+        return NoGoodCheckpoint(f"{self.dir}: no checkpoint restores ({n} moved aside as *{DAMAGED}, kept); the "
+                                f"same command now starts the run over")
+
+    def set_aside(self, step: int, error: DamagedCheckpoint, say: Callable[[str], None]) -> None:
+        """Renames a damaged step `{step}.damaged` (nothing is deleted) and keeps best.json off it."""
+        src = os.path.join(self.dir, str(step))
+        dst, n = src + DAMAGED, 1
+        while os.path.exists(dst):
+            dst, n = f"{src}{DAMAGED}.{n}", n + 1
+        if self.main:
+            try:
+                os.rename(src, dst)
+                self._repair_best(step)
+            except OSError as e:
+                raise WriteError(f"{src}: damaged ({error.why}) and could not be moved aside ({cause(e)})") from e
+        _sync(f"set_aside_{step}")
+        self.manager.reload()
+        say(f"checkpoint {src} is damaged ({error.why}); moved aside to {os.path.basename(dst)}")
+
+    def _repair_best(self, gone: int) -> None:
+        """If best.json named the step `gone`, names the best remaining end-of-epoch step by its
+        recorded accuracy (the earliest of equals, as the run names them), or removes the file."""
+        path = os.path.join(self.dir, BEST_FILE)
+        try:
+            with open(path) as f:
+                named = json.load(f)["step"]
+        except (OSError, ValueError, KeyError):
+            return
+        if named != gone:
+            return
+        scored = []
+        for step in steps(self.dir):
+            try:
+                acc = read_meta(self.dir, step).get("eval_acc")
+            except (OSError, ValueError):
+                continue
+            if acc is not None:
+                scored.append((acc, -step))
+        if scored:
+            acc, step = max(scored)
+            write_atomic(path, json.dumps({"step": -step, "acc": acc}))
+        else:
+            os.remove(path)
 
     def mark_best(self, step: int, acc: float) -> None:
         """Names `step` in best.json (process 0 writes; atomic, so a reader never sees half a file)."""
@@ -92,25 +315,25 @@ def is_checkpoint_dir(path: str) -> bool:
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
     """(run-level checkpoints dir, step or None) of a user-given checkpoint path."""
     path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")):
+    if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
         return os.path.dirname(path), int(os.path.basename(path))
     return path, None
 
 
 def steps(ckpt_dir: str) -> list[int]:
-    """Finished steps, oldest first (Orbax writes a step under a temporary name, then renames it)."""
+    """Finished steps, oldest first (Orbax writes a step under a temporary name, then renames it;
+    a damaged step moved aside is `{step}.damaged`)."""
     return sorted(int(n) for n in os.listdir(ckpt_dir)
                   if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state")))
 
 
-def best_step(ckpt_dir: str) -> int | None:
-    """The step best.json names, if it still exists."""
+def best_named(ckpt_dir: str) -> int | None:
+    """The step best.json names (whether or not it is still there), or None without the file."""
     path = os.path.join(ckpt_dir, BEST_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        step = json.load(f)["step"]
-    return step if step in steps(ckpt_dir) else None
+        return json.load(f)["step"]
 
 
 def read_meta(ckpt_dir: str, step: int) -> dict:
@@ -127,18 +350,38 @@ def _reader(ckpt_dir: str) -> ocp.CheckpointManager:
                                                 "meta": ocp.JsonCheckpointHandler()})
 
 
+def _stored_tree(ckpt_dir: str, step: int) -> dict:
+    try:
+        return _reader(ckpt_dir).item_metadata(step)["state"]
+    except Exception as e:
+        raise DamagedCheckpoint(os.path.join(ckpt_dir, str(step)), cause(e)) from e
+
+
+def stored_arrays(ckpt_dir: str, step: int) -> dict:
+    """{path: (shape, dtype)} of every stored array, read from the metadata alone."""
+    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _arrays(_stored_tree(ckpt_dir, step)).items()}
+
+
 def param_shapes(ckpt_dir: str, step: int) -> dict:
     """The stored params' shapes ({name: ... tuple}), read from the metadata alone."""
-    tree = _reader(ckpt_dir).item_metadata(step)["state"]["params"]
+    tree = _stored_tree(ckpt_dir, step)["params"]
     return jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, "shape"))
 
 
 def load_params(ckpt_dir: str, step: int) -> dict:
-    """The params of a step as host NumPy arrays at their stored shapes (no optimizer state)."""
-    shapes = param_shapes(ckpt_dir, step)
-    target = {"params": jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, np.float32), shapes,
-                                     is_leaf=lambda s: isinstance(s, tuple))}
+    """The params of a step as host float32 NumPy arrays at their stored shapes (no optimizer
+    state), verified against their checksums."""
+    where = os.path.join(ckpt_dir, str(step))
+    tree = _stored_tree(ckpt_dir, step)["params"]
+    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree,
+                                     is_leaf=lambda m: hasattr(m, "shape"))}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = _reader(ckpt_dir).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True)))
-    return out["state"]["params"]
+    try:
+        out = _reader(ckpt_dir).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True)))
+        stored = read_meta(ckpt_dir, step).get("fingerprint")
+    except Exception as e:
+        raise DamagedCheckpoint(where, cause(e)) from e
+    params = out["state"]["params"]
+    check_fingerprint(host_fingerprint({"params": params}), stored, where, prefix="params/")
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), params)

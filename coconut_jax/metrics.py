@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from coconut_jax.files import write_atomic
+from coconut_jax.files import append_line, write_atomic
 
 
 def extract_answer(text: str) -> str:
@@ -50,8 +50,7 @@ class MetricsSink:
         if not self.enabled:
             return
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(event) + "\n")
+            append_line(self.path, json.dumps(event) + "\n")
         self.count += 1
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in event.items() if isinstance(v, (int, float))}, step=event.get("step"))

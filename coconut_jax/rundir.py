@@ -21,7 +21,7 @@ import json
 import os
 
 from coconut_jax import checkpoint, tfds_source
-from coconut_jax.files import write_atomic
+from coconut_jax.files import cause, write_atomic
 from coconut_jax.data import LATENT_METHODS
 
 RUN_FILE = "run.json"
@@ -110,11 +110,12 @@ class Source:
         return f"{where} ({self.why})" if self.why else where
 
 
-def own_checkpoint(ckpt: checkpoint.Checkpoints | None, only_eval: bool) -> int | None:
-    """The step a run resumes from (rule 2): the latest of its own, if any."""
+def own_checkpoint(ckpt: checkpoint.Checkpoints | None, only_eval: bool, say=print) -> int | None:
+    """The step a run resumes from (rule 2): the latest of its own whose metadata reads, if any
+    (a damaged newer one is moved aside, with a line through `say`)."""
     if ckpt is None or only_eval:
         return None
-    return ckpt.latest()
+    return ckpt.newest_readable(say)
 
 
 def weight_source(load_model_path: str) -> Source:
@@ -128,12 +129,18 @@ def weight_source(load_model_path: str) -> Source:
         return Source("hf", path)
     if checkpoint.is_checkpoint_dir(path):
         ckpt_dir, step = checkpoint.split_checkpoint_path(path)
+        if checkpoint.DAMAGED in os.path.basename(ckpt_dir):
+            raise RunDirError(f"load_model_path={path!r}: a damaged checkpoint, moved aside; name another step")
         if step is not None:
             return Source("ours", ckpt_dir, step, "the step named")
-        step = checkpoint.best_step(ckpt_dir)
-        if step is not None:
-            return Source("ours", ckpt_dir, step, f"best by accuracy, {checkpoint.BEST_FILE}")
         steps = checkpoint.steps(ckpt_dir)
+        step = checkpoint.best_named(ckpt_dir)
+        if step is not None:
+            if step not in steps:
+                # Never another step in its place: a hand-off takes the weights the user meant or none.
+                raise RunDirError(f"load_model_path={path!r}: {checkpoint.BEST_FILE} names step {step}, which is "
+                                  f"not there; name a step (one of {steps})")
+            return Source("ours", ckpt_dir, step, f"best by accuracy, {checkpoint.BEST_FILE}")
         if not steps:
             raise RunDirError(f"load_model_path={path!r}: no checkpoint in this directory")
         return Source("ours", ckpt_dir, steps[-1], f"latest; no {checkpoint.BEST_FILE}")
@@ -164,13 +171,36 @@ def shape_differences(stored: dict, expected: dict) -> list[str]:
     return [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _load_ours(source: Source, config, method: str, model_id: str):
+    """The params of another run's checkpoint step; a damaged one is an error naming it (a
+    hand-off never falls back to other weights)."""
+    from coconut_jax import models
+    where = f"load_model_path={source.describe()}"
+    try:
+        source_method = checkpoint.read_meta(source.path, source.step).get("method")
+        stored = checkpoint.param_shapes(source.path, source.step)
+    except checkpoint.DamagedCheckpoint as e:
+        raise RunDirError(f"{where}: damaged checkpoint ({e.why})") from e
+    except (OSError, ValueError) as e:  # its meta file is missing or does not parse
+        raise RunDirError(f"{where}: damaged checkpoint (meta: {cause(e)})") from e
+    check_method(source_method, method, where)
+    expected = models.build(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
+    diff = shape_differences(stored, expected)
+    if diff:
+        raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "
+                          f"({len(diff)} tensor(s) differ: {'; '.join(diff[:3])})")
+    try:
+        return checkpoint.load_params(source.path, source.step)
+    except checkpoint.DamagedCheckpoint as e:
+        raise RunDirError(f"{where}: damaged checkpoint ({e.why})") from e
+
+
 def load_weights(source: Source, model_id: str, method: str, tok):
     """(model config, host params) a run starts from, at the shapes the method needs (rule 3).
 
     For `resume` only the shapes matter (the run's own checkpoint is restored onto them): the
     params returned are None."""
     from coconut_jax import hf
-    from coconut_jax import models
     config = hf.load_config(hf.resolve_model_dir(model_id))
     if source.kind == "resume":
         config = dataclasses.replace(config, vocab_size=checkpoint.param_shapes(source.path, source.step)["wte"][0])
@@ -183,15 +213,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
         params, source_method = hf.import_reference_checkpoint(source.path, config)
         check_method(source_method, method, f"load_model_path={source.path}")
     else:
-        where = f"load_model_path={source.describe()}"
-        check_method(checkpoint.read_meta(source.path, source.step).get("method"), method, where)
-        stored = checkpoint.param_shapes(source.path, source.step)
-        expected = models.build(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
-        diff = shape_differences(stored, expected)
-        if diff:
-            raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "
-                              f"({len(diff)} tensor(s) differ: {'; '.join(diff[:3])})")
-        params = checkpoint.load_params(source.path, source.step)
+        params = _load_ours(source, config, method, model_id)
     config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
     if method in LATENT_METHODS:
         config, params = hf.add_latent_rows(config, params, tok)

@@ -47,7 +47,7 @@ class Trainer:
         self.tokens = hf.latent_tokens(self.tok)
         self.ckpt = None if (c.debug or not writes) else checkpoint.Checkpoints(
             os.path.join(self.run_dir, "checkpoints"), main=self.main, asynchronous=c.async_checkpoints)
-        own = rundir.own_checkpoint(self.ckpt, c.only_eval)
+        own = rundir.own_checkpoint(self.ckpt, c.only_eval, say=self._print)
         source = rundir.Source("resume", self.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
         config, params = rundir.load_weights(source, c.model_id, c.method, self.tok)
         self.model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
@@ -64,7 +64,7 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch, self.best_acc = 0, c.resume, 0, None
         self.sink = MetricsSink(os.path.join(self.run_dir, "metrics.jsonl"), self._wandb(), enabled=self.main and writes)
         if source.kind == "resume":
-            self._resume(own)
+            self._resume()
         else:
             self.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
             self._print(f"weights from {source.describe() or c.model_id}")
@@ -78,23 +78,25 @@ class Trainer:
         return self.state.params
 
     # -- state ----------------------------------------------------------------------------
-    def _resume(self, step):
-        state, meta = self.ckpt.restore(step, self.state.abstract())
+    def _resume(self):
+        """Restores the newest checkpoint that reads back whole (a damaged newer one is moved
+        aside with one line, and the run goes on from the one before, as it went the first time)."""
+        step, state, meta = self.ckpt.restore_newest(self.state.abstract(), say=self._print)
         self.state.load(state)
         self.step, self.epoch, self.batch_in_epoch = meta["step"], meta["epoch"], meta["batch_in_epoch"]
         self.best_acc = meta["best_acc"]
         self.sink.truncate(meta["metrics_count"])
         self._print(f"resumed from {self.ckpt.dir}/{step}: epoch {self.epoch + 1}, batch {self.batch_in_epoch}")
 
-    def _save(self, end_of_epoch: bool, best_acc: float | None = None):
+    def _save(self, end_of_epoch: bool, eval_acc: float | None = None, best: bool = False):
         if self.ckpt is None:
             return
         self._flush_losses()  # the metrics count in meta must include every finished step
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "stage": self.cur.stage(self.epoch), "metrics_count": self.sink.count, "best_acc": self.best_acc,
-                "method": self.c.method}
+                "eval_acc": eval_acc, "method": self.c.method}
         self.ckpt.save(self.step, self.state.params, self.state.opt_state, meta, end_of_epoch=end_of_epoch,
-                       best_acc=best_acc)
+                       best_acc=eval_acc if best else None)
 
     def _on_sigterm(self, *_):
         self._signalled = True
@@ -166,7 +168,7 @@ class Trainer:
         self.best_acc = result["eval/acc"] if improved else self.best_acc
         stage_end = self.cur.stage(self.epoch) != stage or self.epoch == c.num_epochs
         if not c.save_only_improve or improved or stage_end:
-            self._save(end_of_epoch=True, best_acc=result["eval/acc"] if improved else None)
+            self._save(end_of_epoch=True, eval_acc=result["eval/acc"], best=improved)
         return result
 
     def _train_steps(self, plan, stage):
@@ -315,9 +317,16 @@ def cli():
         quiet_libraries()
         try:
             main(argv)
-        except (config_lib.ConfigError, data.DataError, hf.CheckpointError, rundir.RunDirError) as e:
+        except (config_lib.ConfigError, data.DataError, hf.CheckpointError, rundir.RunDirError,
+                checkpoint.CheckpointFault) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except files.WriteError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Without waiting for background writers (a checkpoint write that failed leaves
+            # Orbax threads that wait minutes on one another): what is on disk is already whole.
+            os._exit(2)
     app.run(run, flags_parser=config_lib.parse_flags)
 
 

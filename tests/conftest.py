@@ -137,14 +137,20 @@ ONE_CORE = ("import os, sys; os.sched_setaffinity(0, sorted(os.sched_getaffinity
             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
 
 
-def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py",
-            devices=None, optimize=False, pin=False):
-    """`python -m coconut_jax.train` on a config of the repository, in a subprocess (on `devices`
-    host devices; with XLA's default optimisations when `optimize`; on one core when `pin`)."""
+def cli_command(save_path, *overrides, env=None, config="configs/tiny.py", devices=None, optimize=False, pin=False):
+    """(command, environment) of `python -m coconut_jax.train` on a config of the repository (on
+    `devices` host devices; with XLA's default optimisations when `optimize`; on one core when `pin`)."""
     cmd = [sys.executable, *(("-c", ONE_CORE) if pin else ()), "-m", "coconut_jax.train", "--config",
            os.path.join(ROOT, config), f"--config.save_path={save_path}", f"--config.cache_dir={save_path}/cache",
            *overrides]
-    full_env = {**subprocess_env(devices, optimize), **XLA_CACHE, **(env or {})}
+    return cmd, {**subprocess_env(devices, optimize), **XLA_CACHE, **(env or {})}
+
+
+def run_cli(save_path, *overrides, env=None, check=True, popen=False, capture=False, config="configs/tiny.py",
+            devices=None, optimize=False, pin=False):
+    """`cli_command` run in a subprocess (waited for, unless `popen`)."""
+    cmd, full_env = cli_command(save_path, *overrides, env=env, config=config, devices=devices, optimize=optimize,
+                                pin=pin)
     if popen:
         out = subprocess.PIPE if capture else subprocess.DEVNULL
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=out, text=capture)

@@ -66,7 +66,7 @@ def test_async_save_names_the_best_step_only_once_it_is_written(tmp_path, tiny_d
     ck.save(3, state.params, state.opt_state, {"step": 3}, end_of_epoch=False)
     ck.save(5, state.params, state.opt_state, {"step": 5}, end_of_epoch=True, best_acc=0.5)
     ck.close()
-    assert checkpoint.steps(ck.dir) == [5] and checkpoint.best_step(ck.dir) == 5
+    assert checkpoint.steps(ck.dir) == [5] and checkpoint.best_named(ck.dir) == 5
     assert checkpoint.read_meta(ck.dir, 5)["end_of_epoch"] is True
 
 
