@@ -60,7 +60,7 @@ def main():
             for k in range(s * accum, min((s + 1) * accum, len(plan))):
                 b = batches[k]
                 acc = steps.accumulate(t.model, t.state.params, acc, on_device[k], (base, np.int32(s), np.int32(k)),
-                                       prefix_len=b.prefix_len, n_latent=b.n_latent, feedback=t.feedback,
+                                       prefix_len=b.prefix_len, n_latent=b.n_latent, method=t.cur.spec,
                                        loss_chunk=c.loss_chunk)
             _, acc = t.state.update(acc)
         jax.block_until_ready(t.state.params)

@@ -10,7 +10,8 @@ import sys
 
 import ml_collections
 
-from coconut_jax.data import METHODS, OVERLONG_POLICIES
+from coconut_jax import methods
+from coconut_jax.data import OVERLONG_POLICIES
 
 # The reference's YAML files say "need 4 gpus": its batch_size_training is per GPU.
 REFERENCE_DEVICES = 4
@@ -111,10 +112,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     def need(ok, msg):
         if not ok:
             raise ConfigError(f"config: {msg}")
-    need(c.method in METHODS, f"method={c.method!r} is not one of {', '.join(METHODS)}")
+    try:
+        method = methods.get(c.method)
+    except ValueError as e:
+        raise ConfigError(f"config: {str(e).replace('method ', 'method=', 1)}") from None
     need(c.overlong in OVERLONG_POLICIES, f"overlong={c.overlong!r} is not one of {OVERLONG_POLICIES}")
     need(c.wandb_mode in ("online", "offline", "disabled"), f"wandb_mode={c.wandb_mode!r} must be online, offline or disabled")
-    need(c.c_thought >= 1 or c.method != "coconut", "c_thought must be >= 1 for method coconut")
+    for problem in method.config_errors(c):
+        need(False, problem)
     need(c.epochs_per_stage >= 1, "epochs_per_stage must be >= 1")
     need(c.max_latent_stage >= 0, "max_latent_stage must be >= 0")
     need(0.0 <= c.uniform_prob <= 1.0, "uniform_prob must be in [0, 1]")
@@ -140,6 +145,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
     need(c.prepare.kind in ("", "synthetic_prosqa"), f"prepare.kind={c.prepare.kind!r} must be '' or 'synthetic_prosqa'")
+    if c.prepare.kind:
+        # The prepared data and model take these fields' places: a value the user set would be
+        # silently ignored (a value prepare itself wrote, when a config is used again, is not).
+        from coconut_jax import prepare
+        made = dict(zip(("train_path", "val_path", "model_id"), prepare.prepared_paths(prepare.prepared_root(c))))
+        for field, path in made.items():
+            need(c[field] in ("", path), f"{field}={c[field]!r} is set, but prepare.kind={c.prepare.kind!r} "
+                                         f"generates the data and model; add --config.prepare.kind= to use yours")
     from coconut_jax.models import FAMILIES
     need(c.prepare.family in FAMILIES, f"prepare.family={c.prepare.family!r} must be one of {', '.join(FAMILIES)}")
     if not c.prepare.kind:
@@ -267,15 +280,22 @@ def check_overrides(argv: list[str]) -> None:
                 raise ConfigError(unknown_field_message(name, c))
 
 
+def parse_argv(argv: list[str], flag_values=None) -> list[str]:
+    """Parses the command line into `flag_values` (absl's global FLAGS by default), every
+    mistake a ConfigError: a missing config file, an unknown field, a value of the wrong type."""
+    from absl import flags
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    check_overrides(argv)
+    try:
+        return flag_values(argv)
+    except flags.Error as e:
+        raise ConfigError(f"config: {e}") from None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with every mistake as one line on stderr and exit code 2."""
-    from absl import flags
     try:
-        check_overrides(argv)
-        return flags.FLAGS(argv)
+        return parse_argv(argv)
     except ConfigError as e:
-        message = str(e)
-    except flags.Error as e:
-        message = f"config: {e}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

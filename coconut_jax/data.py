@@ -20,9 +20,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from coconut_jax import methods
+
 IGNORE = -100
-METHODS = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
-LATENT_METHODS = ("coconut", "pause_as_thought")  # sequences with markers and latent tokens
 OVERLONG_POLICIES = ("error", "skip")
 
 
@@ -336,31 +336,33 @@ class Curriculum:
     uniform_prob: float = 0.0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        methods.get(self.method)  # ValueError naming the known methods
+
+    @property
+    def spec(self) -> methods.Method:
+        """The method's definition (methods/), which decides everything below."""
+        return methods.get(self.method)
 
     @property
     def thoughts_per_step(self) -> int:
-        # The reference trains "w/o thought" as a plain LM with c_thought forced to 0.
-        return 0 if self.method == "no_thoughts" else self.c_thought
+        return self.spec.thoughts_per_step(self.c_thought)
 
     @property
     def markers(self) -> bool:
-        return self.method in LATENT_METHODS
+        return self.spec.latent_tokens
+
+    @property
+    def feedback(self) -> bool:
+        return self.spec.feedback
 
     def stage(self, epoch: int) -> int:
         """Scheduled stage of a 0-based epoch."""
-        return 0 if self.method in ("cot", "no_cot") else epoch // self.epochs_per_stage
+        return self.spec.stage(epoch, self.epochs_per_stage)
 
     def latent_steps(self, n_steps, stage):
         """(steps dropped, latent steps) for records with `n_steps` steps trained at `stage`
         (scalars or NumPy arrays of records alike)."""
-        n_steps, stage = np.asarray(n_steps), np.asarray(stage)
-        if self.method == "no_cot":
-            return n_steps, np.zeros_like(n_steps)
-        over = stage > self.max_latent_stage
-        n_over = self.max_latent_stage if self.pad_latent_to_max else np.minimum(n_steps, self.max_latent_stage)
-        return np.where(over, n_steps, np.minimum(stage, n_steps)), np.where(over, n_over, stage)
+        return self.spec.latent_steps(n_steps, stage, self.max_latent_stage, self.pad_latent_to_max)
 
     def eval_latents(self, n_steps: int, stage: int) -> int:
         m = self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, n_steps)

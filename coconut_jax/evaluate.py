@@ -78,7 +78,7 @@ def generate_predictions(model, params, examples, records, stage, cur, tokens, t
     batches = prompt_batches(examples, stage, cur, tokens, batch_size, multiple, fits, row_multiple)
     running = [coconut.generate(model, params, put(batch), tokens.eos, prefix_len=batch.prefix_len,
                                 n_latent=batch.n_latent, max_new_tokens=max_new_tokens,
-                                feedback=cur.method == "coconut")
+                                feedback=cur.feedback)
                for batch, _ in batches]
     preds = []
     for (batch, prompts), (toks, kept) in progress(list(zip(batches, running)), desc=f"generate (stage {stage})"):

@@ -16,6 +16,11 @@ import jax
 SETTINGS = "settings.json"
 
 
+def prepared_root(c) -> str:
+    """Where a run's prepared data and model live."""
+    return os.path.abspath(os.path.join(c.save_path, c.name, "prepared"))
+
+
 def prepared_paths(root: str) -> tuple[str, str, str]:
     return os.path.join(root, "prosqa_train.json"), os.path.join(root, "prosqa_valid.json"), os.path.join(root, "model")
 
@@ -54,9 +59,9 @@ def build(c, root: str) -> None:
     print(f"built {model_dir}")
 
 
-def prepare_synthetic(c, run_dir: str) -> None:
+def prepare_synthetic(c) -> None:
     """Makes (or reuses) the prepared data and model, and points `c` at them."""
-    root = os.path.join(run_dir, "prepared")
+    root = prepared_root(c)
     if jax.process_index() == 0 and not _is_current(root, _settings(c)):
         build(c, root)
     if jax.process_count() > 1:  # the other hosts read what host 0 wrote

@@ -20,9 +20,8 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, tfds_source
+from coconut_jax import checkpoint, methods, tfds_source
 from coconut_jax.files import cause, write_atomic
-from coconut_jax.data import LATENT_METHODS
 
 RUN_FILE = "run.json"
 # What makes two training runs the same run; anything else (lr, epochs, logging) may change on
@@ -150,7 +149,7 @@ def weight_source(load_model_path: str) -> Source:
 
 def check_method(source_method: str | None, method: str, where: str) -> None:
     """The reference refuses to load Coconut weights into a model without latent tokens."""
-    if source_method in LATENT_METHODS and method not in LATENT_METHODS:
+    if methods.carries_latent_tokens(source_method) and not methods.get(method).latent_tokens:
         raise RunDirError(f"{where}: a {source_method} checkpoint (with latent tokens) cannot be loaded into "
                           f"method {method!r}")
 
@@ -215,7 +214,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
     else:
         params = _load_ours(source, config, method, model_id)
     config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
-    if method in LATENT_METHODS:
+    if methods.get(method).latent_tokens:
         config, params = hf.add_latent_rows(config, params, tok)
     return config, params
 

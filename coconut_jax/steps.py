@@ -14,17 +14,19 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from coconut_jax import coconut, sharding
+from coconut_jax import sharding
 
 
 def make_optimizer(c):
     return optax.adamw(c.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback", "loss_chunk"),
+@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"),
                    donate_argnums=(2,))
-def accumulate(model, params, acc, arrays, key, *, prefix_len, n_latent, feedback, loss_chunk=0):
+def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent, loss_chunk=0):
     """Adds one micro-batch's gradient of the summed token loss (and the sums) to `acc`.
+
+    `method`: the run's `methods.Method`, whose `loss_terms` is the loss.
 
     `key`: the dropout key, or (base key, step, micro-batch) from which it is derived inside
     the program (no per-step host dispatch for key arithmetic)."""
@@ -33,8 +35,8 @@ def accumulate(model, params, acc, arrays, key, *, prefix_len, n_latent, feedbac
         key = jax.random.fold_in(jax.random.fold_in(base, step), micro)
 
     def f(p):
-        return coconut.loss_terms(model, p, arrays, prefix_len, n_latent, feedback=feedback, dropout_key=key,
-                                  loss_chunk=loss_chunk)
+        return method.loss_terms(model, p, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
+                                 loss_chunk=loss_chunk)
     (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
     return {"grads": jax.tree.map(jnp.add, acc["grads"], g), "loss": acc["loss"] + s, "count": acc["count"] + n}
 
@@ -57,9 +59,9 @@ def zeros_like_acc(acc):
     return jax.tree.map(jnp.zeros_like, acc)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "feedback", "loss_chunk"))
-def eval_loss_terms(model, params, arrays, *, prefix_len, n_latent, feedback, loss_chunk=0):
-    return coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=feedback, loss_chunk=loss_chunk)
+@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"))
+def eval_loss_terms(model, params, arrays, *, method, prefix_len, n_latent, loss_chunk=0):
+    return method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk)
 
 
 def _names(path) -> tuple[str, ...]:

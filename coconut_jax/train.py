@@ -39,10 +39,9 @@ class Trainer:
         self.micro = c.global_batch_size // c.gradient_accumulation_steps
         config_lib.check_batch_arithmetic(self.micro, self.data_devices, jax.process_count())
         if c.prepare.kind:
-            prepare.prepare_synthetic(c, self.run_dir)
+            prepare.prepare_synthetic(c)
         self.cur = data.Curriculum(c.method, c.c_thought, c.max_latent_stage, c.epochs_per_stage,
                                    c.pad_latent_to_max, c.uniform_prob)
-        self.feedback = c.method == "coconut"
         self.tok = hf.load_tokenizer(c.model_id)
         self.tokens = hf.latent_tokens(self.tok)
         self.ckpt = None if (c.debug or not writes) else checkpoint.Checkpoints(
@@ -199,8 +198,8 @@ class Trainer:
                     tokens += n
                     acc = steps.accumulate(self.model, self.state.params, acc, arrays,
                                            (base, np.int32(self.step), np.int32(k - start)),
-                                           prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                           feedback=self.feedback, loss_chunk=c.loss_chunk)
+                                           method=self.cur.spec, prefix_len=batch.prefix_len,
+                                           n_latent=batch.n_latent, loss_chunk=c.loss_chunk)
                 loss, acc = self.state.update(acc)
                 self.step += 1
                 self.batch_in_epoch = micro(start).stop
@@ -243,8 +242,8 @@ class Trainer:
             # the device until the end.
             plan = self._plan(self.val_examples, stage, self.epoch, shuffle=False, static_shapes=True)
             terms = [steps.eval_loss_terms(self.model, self.state.params, self._put(batch),
-                                           prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                           feedback=self.feedback, loss_chunk=c.loss_chunk)
+                                           method=self.cur.spec, prefix_len=batch.prefix_len,
+                                           n_latent=batch.n_latent, loss_chunk=c.loss_chunk)
                      for batch in self._progress(plan.batches(), desc="val loss", total=len(plan))]
             total, count = (float(x) for x in np.sum(jax.device_get(terms), axis=0)) if terms else (0.0, 0.0)
             out["eval/loss"] = total / max(count, 1.0)

@@ -124,6 +124,11 @@ def _xla_cache(tmp_path_factory):
 FIRST = ("tests/test_demo.py::test_demo_runs_end_to_end_and_learns",)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes of training, several processes or many CLI runs; "
+                                       "the quick loop is `python -m pytest -q -m \"not slow\"`")
+
+
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.nodeid not in FIRST)
 

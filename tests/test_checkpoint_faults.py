@@ -94,6 +94,7 @@ def test_a_damaged_step_is_moved_aside_and_the_one_before_restores(saved, state,
     assert json.load(open(os.path.join(d, "best.json"))) == {"step": 4, "acc": 0.5}
 
 
+@pytest.mark.slow
 def test_every_flipped_data_byte_is_found_or_harmless(saved, state, tmp_path):
     """One flipped byte (a quarter, half and three quarters into each data file, in turn): the
     step is moved aside (Orbax's decoding or our checksums), or it restores exactly what was
@@ -262,6 +263,7 @@ def test_an_atomic_write_into_a_removed_directory_leaves_nothing(tmp_path):
 
 # -- through the CLI -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_with_a_damaged_newest_step_resumes_from_the_one_before_and_ends_as_uninterrupted(tiny_run, tmp_path):
     """The issue's case: one file of the newest checkpoint overwritten with 100 random bytes.
     The same command moves it aside with one line, redoes the last epoch from the step before,
@@ -289,6 +291,7 @@ def _files(d):
     return {p: open(p, "rb").read() for p in sorted(glob.glob(f"{d}/**", recursive=True)) if os.path.isfile(p)}
 
 
+@pytest.mark.slow
 def test_a_read_only_checkpoints_directory_stops_the_run_with_one_line_then_it_resumes(tiny_run, tmp_path):
     """The run's checkpoints directory is mounted read-only (a private mount namespace, so this
     holds for root too): training one more epoch ends at its save with one line naming the step,

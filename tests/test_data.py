@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from coconut_jax import data, hf
+from coconut_jax import data, hf, methods
 from coconut_jax.data import IGNORE, Curriculum, Example, collate, training_sequence, eval_prompt
 from tests.conftest import SAMPLE_RECORDS, shared_file
 
@@ -211,7 +211,7 @@ def _reference_batch(plan, k):
                    multiple=plan.multiple, min_prefix=plan._min_prefix, min_width=plan._min_width)
 
 
-@pytest.mark.parametrize("method", data.METHODS)
+@pytest.mark.parametrize("method", methods.NAMES)
 @pytest.mark.parametrize("kw", [dict(stage=2), dict(stage=5, static_shapes=True), dict(stage=1, uniform_prob=0.5),
                                 dict(stage=4, c_thought=2, pad=False)])
 def test_plan_batches_equal_per_record_sequences(method, kw):

@@ -1,8 +1,12 @@
 """The README's first command: the offline demo runs end to end and learns, on any device count."""
 import os
 
+import pytest
+
 from coconut_jax.metrics import read_metrics
 from tests.conftest import assert_first_epochs_match, free_port, run_cli
+
+pytestmark = pytest.mark.slow  # minutes of training or several processes (quick tier: -m "not slow")
 
 # One epoch per stage (CoT, then 2, 4, 6 thoughts) of 188 steps, on the demo's generator with
 # smaller graphs (5-8 nodes) so that answers come out right within a test's budget; the full

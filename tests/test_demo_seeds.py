@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, XLA_CACHE, subprocess_env
 
 _spec = importlib.util.spec_from_file_location("demo_seeds", os.path.join(ROOT, "benchmarks", "demo_seeds.py"))
@@ -36,6 +38,7 @@ def test_summary_takes_each_stages_last_evaluation_and_checks_the_claims_per_see
     assert "no-CoT" in demo_seeds.table(s)
 
 
+@pytest.mark.slow
 def test_sweep_runs_each_seed_with_its_baseline_on_its_own_data(tmp_path):
     """Two seeds of configs/tiny.py, two trainings at a time: four run directories, the seeds'
     generated data and initial weights differ, the summary reads what the runs logged."""

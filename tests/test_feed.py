@@ -8,15 +8,18 @@ from coconut_jax.feed import Prefetch
 
 
 def test_items_arrive_in_order_and_at_most_depth_ahead():
-    made = []
+    """`make(k)` may start only once the consumer has taken item k - depth - 1: the queue holds
+    `depth` items and the thread one more in hand. A thread that ran further ahead fails the
+    assertion inside `make`, which the consumer then raises."""
+    depth, taken = 2, []
 
     def make(k):
-        made.append(k)
+        assert k <= len(taken) + depth, f"item {k} made with only {len(taken)} taken"
         return k * 10
-    with Prefetch(make, range(6), depth=2) as it:
-        time.sleep(0.2)  # the thread runs ahead only as far as the queue allows
-        assert len(made) <= 3
-        assert list(it) == [0, 10, 20, 30, 40, 50]
+    with Prefetch(make, range(8), depth=depth) as it:
+        for item in it:
+            taken.append(item)
+    assert taken == [k * 10 for k in range(8)]
 
 
 def test_an_error_in_make_is_raised_at_its_item():

@@ -21,6 +21,7 @@ def test_initial_model_already_looks_facts_up():
     assert induction.lookup_accuracy(model, plain, *test) < 0.25
 
 
+@pytest.mark.slow
 def test_wired_model_learns_the_lookup_in_a_few_hundred_steps():
     """Training finishes the job (the initial keys cannot yet tell an object slot from others)."""
     cfg, model = _model()

@@ -18,6 +18,8 @@ from coconut_jax.metrics import read_metrics
 from data_prep.common import write_json
 from tests.conftest import ROOT, assert_first_epochs_match, built_once, free_port, run_cli, stored_params
 
+pytestmark = pytest.mark.slow  # minutes of training or several processes (quick tier: -m "not slow")
+
 SIZES = ("--config.global_batch_size=8", "--config.eval_batch_size=6", "--config.max_new_tokens=8",
          "--config.print_examples=0", "--config.checkpoint_every_steps=0")
 

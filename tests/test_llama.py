@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import coconut, data, hf, models, tiny
-from coconut_jax.models.common import get_path
+from coconut_jax import coconut, data, hf, methods, models, tiny
+from coconut_jax.models.common import EMBEDDING, HEAD, get_path
 from coconut_jax.models.llama import LlamaConfig
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
 
@@ -340,15 +340,33 @@ def test_spare_embedding_rows_are_cut_to_the_tokenizer_as_the_reference_resizes(
 
 
 def test_without_a_single_double_angle_token_the_latent_rows_are_the_mean_of_its_pieces():
+    """A tokenizer that splits `<<` into two tokens (2 and 5): the three latent rows of the
+    embedding and of an untied head are the mean of rows 2 and 5, the other new rows the mean row."""
+    specials = {"<|start-latent|>": 8, "<|end-latent|>": 9, "<|latent|>": 10}
+
     class Tok:
-        unk_token_id = None
+        unk_token_id, eos_token_id, pad_token_id = None, 1, 1
+
+        def __len__(self):
+            return 11
 
         def convert_tokens_to_ids(self, t):
-            return None
+            return [specials[x] for x in t] if isinstance(t, list) else specials.get(t)
 
         def encode(self, text, add_special_tokens=False):
+            assert text == "<<"
             return [2, 5]
-    assert hf.latent_source_ids(Tok()) == [2, 5]
+    rng = np.random.default_rng(0)
+    wte, head = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32)
+    config = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=4, tie_word_embeddings=False)
+    got_config, got = hf.add_latent_rows(config, {EMBEDDING: wte, HEAD: head}, Tok())
+    assert got_config.vocab_size == 11
+    for name, table in ((EMBEDDING, wte), (HEAD, head)):
+        assert got[name].shape == (11, 4)
+        np.testing.assert_array_equal(got[name][:8], table)
+        for i in (8, 9, 10):
+            np.testing.assert_allclose(got[name][i], (table[2] + table[5]) / 2, rtol=1e-6)
+            assert not np.allclose(got[name][i], table[2])
 
 
 # -- sharding ----------------------------------------------------------------------------------------
@@ -356,7 +374,7 @@ def test_without_a_single_double_angle_token_the_latent_rows_are_the_mean_of_its
 SHARDED_STEP = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from coconut_jax import config as config_lib, data, models, sharding, steps
+from coconut_jax import config as config_lib, data, methods, models, sharding, steps
 from coconut_jax.models.llama import LlamaConfig
 cfg = LlamaConfig(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
@@ -375,7 +393,7 @@ opt = steps.make_optimizer(config_lib.base_config())
 def step(mesh):
     state = steps.TrainState(model, params, mesh, opt)
     acc = steps.accumulate(model, state.params, state.new_accumulator(), sharding.put_batch(mesh, b.arrays()), None,
-                           prefix_len=b.prefix_len, n_latent=b.n_latent, feedback=True)
+                           prefix_len=b.prefix_len, n_latent=b.n_latent, method=methods.get("coconut"))
     loss, _ = state.update(acc)
     return state, float(loss), jax.tree.map(np.asarray, state.params)
 
@@ -396,6 +414,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_sharded_training_step_on_8_devices_equals_one_device():
     """data x fsdp x tensor meshes (tensor 2 and 4: the 2 kv heads split only over 2)."""
     import subprocess
@@ -415,7 +434,7 @@ def test_bf16_params_train_and_keep_their_dtype():
     state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()), jnp.bfloat16)
     b = _coconut_batch()
     acc = steps.accumulate(model, state.params, state.new_accumulator(), sharding.put_batch(mesh, b.arrays()), None,
-                           prefix_len=b.prefix_len, n_latent=b.n_latent, feedback=True)
+                           prefix_len=b.prefix_len, n_latent=b.n_latent, method=methods.get("coconut"))
     before = np.asarray(state.params["wte"], np.float32)
     loss, _ = state.update(acc)
     assert np.isfinite(float(loss))

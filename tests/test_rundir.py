@@ -162,12 +162,28 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path, cot_checkpoints):
 def test_prepared_demo_data_is_rebuilt_when_its_settings_change(tmp_path):
     from coconut_jax import prepare
     c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    c.save_path = str(tmp_path)
     c.prepare.train, c.prepare.valid = 8, 3
-    prepare.prepare_synthetic(c, str(tmp_path))
+    prepare.prepare_synthetic(c)
     first = os.path.getmtime(c.model_id)
-    prepare.prepare_synthetic(c, str(tmp_path))  # same settings: reused
+    assert c.model_id == str(tmp_path / "tiny" / "prepared" / "model")
+    config_lib.validate(c)  # the paths prepare wrote are its own: a config used again still validates
+    prepare.prepare_synthetic(c)  # same settings: reused
     assert os.path.getmtime(c.model_id) == first
     c.prepare.valid = 5
-    prepare.prepare_synthetic(c, str(tmp_path))
+    prepare.prepare_synthetic(c)
     assert len(json.load(open(c.val_path))) == 5
 
+
+@pytest.mark.parametrize("field", ["train_path", "val_path", "model_id"])
+def test_a_config_that_prepares_its_data_refuses_a_users_data_or_model(tmp_path, field):
+    """configs/tiny.py and configs/demo.py generate their data and model: a path the user sets
+    would be ignored, so it is an error naming the field and the way out."""
+    c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
+    mine = tmp_path / "my.json"
+    mine.write_text("[]")
+    c[field] = str(mine)
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(c)
+    assert str(e.value) == (f"config: {field}={str(mine)!r} is set, but prepare.kind='synthetic_prosqa' generates "
+                            f"the data and model; add --config.prepare.kind= to use yours")

@@ -74,6 +74,7 @@ def test_identical_batches_for_the_same_seed(packed, tiny_dir, tmp_path, monkeyp
             assert all(np.array_equal(x, y) for x, y in zip(a.arrays().values(), b.arrays().values()))
 
 
+@pytest.mark.slow
 def test_training_on_tfds_paths_equals_training_on_the_files(packed, tmp_path):
     """The CLI on tfds:NAME/SPLIT paths logs exactly what it logs on the JSON files."""
     root, data_dir = packed

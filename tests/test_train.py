@@ -1,12 +1,13 @@
 """The training CLI: configs, accumulation, exact resume, sharding, only_eval."""
 import json
 import os
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from coconut_jax import config as config_lib, data, sharding, steps
+from coconut_jax import config as config_lib, data, methods, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
 from tests.conftest import ROOT, run_cli, subprocess_env
@@ -72,7 +73,7 @@ def test_gradient_accumulation_equals_full_batch():
         for rows in groups:
             b = batch(rows)
             acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
-                                   n_latent=b.n_latent, feedback=True)
+                                   n_latent=b.n_latent, method=methods.get("coconut"))
         return steps.mean_gradient(acc)
 
     g_full, l_full = mean_grad([list(range(8))])
@@ -81,7 +82,7 @@ def test_gradient_accumulation_equals_full_batch():
     acc = state.new_accumulator()
     b = batch(list(range(8)))
     acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
-                           n_latent=b.n_latent, feedback=True)
+                           n_latent=b.n_latent, method=methods.get("coconut"))
     loss, acc = state.update(acc)
     assert abs(float(loss) - float(l_full)) <= 1e-6 * abs(float(l_full))
     assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(acc))
@@ -196,19 +197,47 @@ def test_bad_configs(tmp_path, override, message):
         config_lib.validate(c)
 
 
+def _cli_config_error(*overrides):
+    """The message the CLI prints for a mistake on its command line, found in process: the
+    command line parsed as `coconut_jax.train` parses it, the config validated and the mesh
+    made as a run starts."""
+    from absl import flags
+    from ml_collections import config_flags
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "configuration file", flag_values=fv, lock_config=True)
+    argv = ["train", "--config", os.path.join(ROOT, "configs/tiny.py"), *overrides]
+    saved, sys.argv = sys.argv, argv  # ml_collections reads the overrides from sys.argv
+    try:
+        config_lib.parse_argv(argv, fv)
+        config_lib.validate(fv.config)
+        config_lib.checked(sharding.make_mesh, fv.config.mesh.data, fv.config.mesh.fsdp, fv.config.mesh.tensor)
+    except config_lib.ConfigError as e:
+        return f"error: {e}"
+    finally:
+        sys.argv = saved
+    return None
+
+
 @pytest.mark.parametrize("args,message", [
-    (("--config.method=latent",), "error: config: method='latent' is not one of"),
+    (("--config.method=latent",), "error: config: method='latent' is not one of coconut, cot, no_thoughts, no_cot, pause_as_thought"),
     (("--config.prepare.n_embdd=64",), "error: config: unknown field --config.prepare.n_embdd; did you mean --config.prepare.n_embd?"),
     (("--config.lrr=0.1",), "error: config: unknown field --config.lrr; did you mean --config.lr?"),
     (("--config.lr=fast",), "error: config: flag --config.lr=fast: could not convert string to float"),
     (("--config.mesh.data=3",), "error: config: mesh data=3 x fsdp=1 x tensor=1 != 1 devices"),
     (("--config.eval_batch_size=-1",), "error: config: eval_batch_size=-1 must be >= 0 (0: chosen by device)"),
-    (("--config.global_batch_size=6",), "error: config: micro-batch (global_batch_size / gradient_accumulation_steps = 6) is not divisible by the 4"),
+    (("--config.train_path=my.json",), "error: config: train_path='my.json' is set, but prepare.kind='synthetic_prosqa' generates"),
 ])
-def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, args, message):
-    r = run_cli(tmp_path, *args, check=False, devices=4 if "global_batch_size=6" in args[0] else None)
+def test_cli_mistakes_are_one_line(args, message):
+    got = _cli_config_error(*args)
+    assert got is not None and got.startswith(message) and "\n" not in got, got
+
+
+def test_cli_mistake_exits_2_with_one_line(tmp_path):
+    """Through the real CLI (a fresh process: this one depends on its 4 host devices)."""
+    r = run_cli(tmp_path, "--config.global_batch_size=6", check=False, devices=4)
     assert r.returncode == 2, r.stderr[-2000:]
-    assert message in r.stderr and "Traceback" not in r.stderr
+    assert "error: config: micro-batch (global_batch_size / gradient_accumulation_steps = 6) is not divisible by the 4" in r.stderr
+    assert "Traceback" not in r.stderr
     assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
 
 
@@ -226,6 +255,7 @@ def test_distributed_environment_mistake_is_one_line(tmp_path):
     assert r.returncode == 2 and "environment variable JAX_NUM_PROCESSES is not set" in r.stderr
 
 
+@pytest.mark.slow
 def test_wandb_offline_needs_no_account_or_network(tmp_path):
     """wandb_mode=offline logs to a local run directory (no login, no network)."""
     pytest.importorskip("wandb")

@@ -1,0 +1,63 @@
+"""What a method is: the declarative record every part of a run reads (no JAX imported here,
+so the data pipeline can read it too)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One latent-reasoning method (or baseline), as the reference's flags define it (SPEC §3).
+
+    name: the value of `--config.method`.
+    latent_tokens: sequences and prompts carry `<|start-latent|>`, the thoughts' `<|latent|>`
+        tokens and `<|end-latent|>`; the vocabulary grows by those three rows (copied from `<<`).
+    feedback: at a latent position the model's input is the previous position's last hidden
+        state (Coconut's continuous thought); otherwise latent tokens are ordinary tokens.
+    thoughts: each replaced step becomes `c_thought` latent positions (False: none, the
+        reference's `no_thoughts` forcing c_thought to 0).
+    staged: the stage advances every `epochs_per_stage` epochs; otherwise every epoch is stage 0.
+    drops_every_step: every reasoning step is left out of every sequence (`no_cot`).
+    needs_c_thought: `c_thought` must be at least 1.
+    """
+    name: str
+    summary: str
+    latent_tokens: bool = False
+    feedback: bool = False
+    thoughts: bool = True
+    staged: bool = True
+    drops_every_step: bool = False
+    needs_c_thought: bool = False
+
+    def thoughts_per_step(self, c_thought: int) -> int:
+        return c_thought if self.thoughts else 0
+
+    def stage(self, epoch: int, epochs_per_stage: int) -> int:
+        """Scheduled stage of a 0-based epoch."""
+        return epoch // epochs_per_stage if self.staged else 0
+
+    def latent_steps(self, n_steps, stage, max_latent_stage: int, pad_latent_to_max: bool):
+        """(steps dropped, latent steps) for records with `n_steps` steps trained at `stage`
+        (scalars or NumPy arrays of records alike; SPEC §3)."""
+        n_steps, stage = np.asarray(n_steps), np.asarray(stage)
+        if self.drops_every_step:
+            return n_steps, np.zeros_like(n_steps)
+        over = stage > max_latent_stage
+        n_over = max_latent_stage if pad_latent_to_max else np.minimum(n_steps, max_latent_stage)
+        return np.where(over, n_steps, np.minimum(stage, n_steps)), np.where(over, n_over, stage)
+
+    def config_errors(self, c) -> list[str]:
+        """What in a run's config this method cannot honour."""
+        if self.needs_c_thought and c.c_thought < 1:
+            return [f"c_thought must be >= 1 for method {self.name}"]
+        return []
+
+    def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
+                   loss_chunk: int = 0):
+        """(summed token loss, token count) of a batch: the language-model loss over the
+        sequence's labels, with thoughts fed back when `feedback`. Callers divide once."""
+        from coconut_jax import coconut
+        return coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=self.feedback,
+                                  dropout_key=dropout_key, loss_chunk=loss_chunk)
