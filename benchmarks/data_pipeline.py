@@ -81,7 +81,7 @@ def phase_tokenize(a) -> dict:
     t1 = time.perf_counter()
     ts = data.tokenize_records(records, tok, a.data)
     t2, c2 = time.perf_counter(), time.process_time()
-    data.write_cache(os.path.join(a.cache, data._cache_key(data.file_digest(a.data), tok, None)), ts)
+    data.write_cache(os.path.join(a.cache, data.cache_key(data.file_digest(a.data), tok, None)), ts)
     t3 = time.perf_counter()
     return {"load_validate_s": t1 - t0, "tokenize_s": t2 - t1, "write_cache_s": t3 - t2,
             "cores_used": (c2 - c0) / (t2 - t0), "tokens": int(len(ts.tokens)), "peak_rss_gb": peak_rss_gb()}

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import coconut, data, evaluate
+from coconut_jax import coconut, data, evaluate, testing
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 SHAPES = {
@@ -93,7 +93,7 @@ def _reference_fn(model, latent_mask):
     key = (model, latent_mask.shape, latent_mask.tobytes())
     if key not in _REFERENCE_FNS:
         def fn(params, arrays, last):
-            hidden = coconut.reference_hidden(model, params, {**arrays, "latent_mask": latent_mask})
+            hidden = testing.reference_hidden(model, params, {**arrays, "latent_mask": latent_mask})
             return jnp.argmax(model.logits(params, hidden[0, last]))
         _REFERENCE_FNS[key] = jax.jit(fn)
     return _REFERENCE_FNS[key]

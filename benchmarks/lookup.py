@@ -2,7 +2,7 @@
 
     python benchmarks/lookup.py [--steps 2000] [--facts 12] [--n_embd 128] [--every 200]
 
-The task (`coconut_jax.induction.fact_lookup_batch`): `--facts` facts "Every X is a Y ." then
+The task (`coconut_jax.demo.induction.fact_lookup_batch`): `--facts` facts "Every X is a Y ." then
 "Every X is a" for one of them; the answer is that fact's Y. Both models are the same 2-layer,
 4-head GPT-2 trained by Adam (lr 1e-3, batch 16) on the same batches; one starts from GPT-2's
 random initialisation, the other from `wire_induction_heads`. Prints one JSON object: test
@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from coconut_jax import induction
+from coconut_jax.demo import induction
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 

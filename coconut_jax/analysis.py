@@ -136,7 +136,8 @@ def load_trained(c):
     from coconut_jax.train import Trainer
     c.only_eval = True
     c.wandb_mode = "disabled"
-    if c.load_model_path in ("", "None"):
+    config_lib.normalize(c)
+    if c.load_model_path is None:
         ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
         found = checkpoint.steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
         if not found:

@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from coconut_jax.data import IGNORE
 from coconut_jax.models.common import FunctionalModel
@@ -91,23 +90,6 @@ def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_la
         return hidden
     kv = {name: jnp.concatenate([part[name] for part in past + [kv_rest]], axis=3) for name in ("k", "v")}
     return hidden, kv
-
-
-def reference_hidden(model: FunctionalModel, params, arrays, feedback: bool = True):
-    """The slow, obviously correct form (SPEC §5): for k = 1..n, run the whole sequence and
-    put the hidden state before each row's k-th latent into that latent; then run once more.
-    Finds latents per row from `latent_mask` alone (no alignment assumed). Tests/benchmarks only."""
-    ids, mask, pos = arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"]
-    latent = np.asarray(arrays["latent_mask"])
-    embeds = model.embed(params, ids)
-    if feedback:
-        where = [np.nonzero(row)[0] for row in latent]
-        for k in range(max([len(w) for w in where] + [0])):
-            hidden = model.body(params, embeds, pos, mask)[0]
-            for r, w in enumerate(where):
-                if k < len(w):
-                    embeds = embeds.at[r, w[k]].set(hidden[r, w[k] - 1])
-    return model.body(params, embeds, pos, mask)[0]
 
 
 def _nll_sums(logits, targets):

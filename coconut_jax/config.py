@@ -9,6 +9,7 @@ import os
 import sys
 
 import ml_collections
+from ml_collections import config_dict
 
 from coconut_jax import methods
 from coconut_jax.data import OVERLONG_POLICIES
@@ -24,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.save_path = "runs"
     c.method = "coconut"
     c.model_id = "openai-community/gpt2"
-    c.load_model_path = "None"
+    c.load_model_path = config_dict.placeholder(str)  # None: the weights of model_id
     c.train_path = ""
     c.val_path = ""
     c.tfds_data_dir = ""               # where tfds:NAME/SPLIT paths are read from ("": TFDS's default)
@@ -83,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
         # Graph size, reasoning steps (equally likely; () = the published distribution) and
         # the number of distinct concept names (0 = all).
         "min_nodes": 14, "max_nodes": 28, "steps": (), "n_concepts": 0,
-        # Start the model with a fact-lookup circuit instead of random weights (coconut_jax.induction).
+        # Start the model with a fact-lookup circuit instead of random weights (coconut_jax.demo.induction).
         "induction_heads": False})
     return c
 
@@ -107,8 +108,17 @@ class ConfigError(ValueError):
     pass
 
 
+def normalize(c: ml_collections.ConfigDict) -> None:
+    """The reference's spelling of "no checkpoint" (`load_model_path: None`, or an empty value)
+    becomes None, so nothing past config loading tests for the string."""
+    if c.load_model_path in ("", "None"):
+        c.load_model_path = None
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Every impossible setting is one clear error, raised before anything is compiled."""
+    """Every impossible setting is one clear error, raised before anything is compiled
+    (`normalize` first)."""
+    normalize(c)
     def need(ok, msg):
         if not ok:
             raise ConfigError(f"config: {msg}")
@@ -143,12 +153,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.param_dtype in ("float32", "bfloat16"), f"param_dtype={c.param_dtype!r} must be float32 or bfloat16")
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
-    need(not (c.only_eval and c.load_model_path in ("", "None")), "only_eval needs load_model_path")
+    need(not (c.only_eval and c.load_model_path is None), "only_eval needs load_model_path")
     need(c.prepare.kind in ("", "synthetic_prosqa"), f"prepare.kind={c.prepare.kind!r} must be '' or 'synthetic_prosqa'")
     if c.prepare.kind:
         # The prepared data and model take these fields' places: a value the user set would be
         # silently ignored (a value prepare itself wrote, when a config is used again, is not).
-        from coconut_jax import prepare
+        from coconut_jax.demo import prepare
         made = dict(zip(("train_path", "val_path", "model_id"), prepare.prepared_paths(prepare.prepared_root(c))))
         for field, path in made.items():
             need(c[field] in ("", path), f"{field}={c[field]!r} is set, but prepare.kind={c.prepare.kind!r} "
@@ -162,7 +172,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 need(tfds_source.valid_path(c[field]), f"{field}={c[field]!r}: a TFDS source is written tfds:NAME/SPLIT")
             else:
                 need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
-    if c.load_model_path not in ("", "None"):
+    if c.load_model_path is not None:
         need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
 
 
@@ -235,6 +245,7 @@ def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
         c[key] = type(c[key])(value) if isinstance(c[key], (int, float)) and not isinstance(c[key], bool) else value
     c.global_batch_size = int(y["batch_size_training"]) * REFERENCE_DEVICES * int(y.get("gradient_accumulation_steps", 1))
     c.load_model_path = str(y.get("load_model_path", "None"))
+    normalize(c)
     return c
 
 

@@ -46,7 +46,7 @@ def _plain(value):
 
 def _path_field(c, field):
     value = c[field]
-    local = value not in ("", "None") and not tfds_source.is_tfds(value)
+    local = isinstance(value, str) and value != "" and not tfds_source.is_tfds(value)
     return os.path.abspath(value) if field.endswith("_path") and local else value
 
 
@@ -117,10 +117,10 @@ def own_checkpoint(ckpt: checkpoint.Checkpoints | None, only_eval: bool, say=pri
     return ckpt.newest_readable(say)
 
 
-def weight_source(load_model_path: str) -> Source:
-    """Resolves `load_model_path` (rule 3); "None" or "" means the model of `model_id`."""
+def weight_source(load_model_path: str | None) -> Source:
+    """Resolves `load_model_path` (rule 3); None means the model of `model_id`."""
     path = load_model_path
-    if path in ("", "None"):
+    if path is None:
         return Source("model")
     if os.path.isfile(path):
         return Source("reference", path)

@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from coconut_jax import hf, induction, models
+from coconut_jax import hf, models
+from coconut_jax.demo import induction
 from coconut_jax.models.gpt2 import GPT2Config
 from coconut_jax.models.llama import LlamaConfig
 
@@ -87,7 +88,7 @@ def build(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024, n_layer
     """Trains a tokenizer on `texts`, initialises a random model of `family` and saves both in
     HF format.
 
-    `induction_heads` starts a GPT-2 with a fact-lookup circuit (`coconut_jax.induction`);
+    `induction_heads` starts a GPT-2 with a fact-lookup circuit (`coconut_jax.demo.induction`);
     `tied=False` gives a Llama/Qwen model its own output head.
     """
     if family not in FAMILIES:
@@ -121,7 +122,7 @@ def main(argv=None):
                                                        "n_positions": 512}.get(name, defaults[name]))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--induction_heads", action="store_true", help="start with a fact-lookup circuit (coconut_jax.induction)")
+    p.add_argument("--induction_heads", action="store_true", help="start with a fact-lookup circuit (coconut_jax.demo.induction)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     out = build(record_texts(load_records(a.data)), a.out, vocab_size=a.vocab_size, n_layer=a.n_layer,

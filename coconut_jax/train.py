@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, files, hf, models, prepare, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, data, evaluate, feed, files, hf, models, rundir, sharding, steps
+from coconut_jax.demo import prepare
 from coconut_jax.metrics import MetricsSink, stage_table
 
 

@@ -5,7 +5,7 @@ Nothing is downloaded: the data generator and the tokenizer/model builder run lo
 The graphs are smaller than the published ProsQA (6-10 nodes, 2-3 reasoning steps, 40 concept
 names instead of 175) so a 2-layer model learns the task in minutes; `configs/prosqa.py` is
 the published setting. The model starts with a fact-lookup circuit wired into its initial weights
-(`prepare.induction_heads`, see `coconut_jax/induction.py`): from GPT-2's random init that circuit
+(`prepare.induction_heads`, see `coconut_jax/demo/induction.py`): from GPT-2's random init that circuit
 takes far longer to grow than the demo's budget, and without it the demo ends near chance.
 """
 from coconut_jax.config import base_config, small_model_on_cpu

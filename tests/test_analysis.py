@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from coconut_jax import analysis, coconut, data
+from coconut_jax import analysis, data, testing
 from coconut_jax.metrics import read_metrics
 
 
@@ -28,7 +28,7 @@ def test_thoughts_are_the_hidden_states_before_each_latent(trained):
     states = analysis.thoughts(t.model, t.params, prompt, t.tokens)
     assert states.shape == (2, t.model.config.n_embd)
     b = data.collate([(prompt, None)], [0], latent_id=t.tokens.latent, pad_id=t.tokens.pad, batch_size=1, multiple=1)
-    slow = np.asarray(coconut.reference_hidden(t.model, t.params, b.arrays()))[0]
+    slow = np.asarray(testing.reference_hidden(t.model, t.params, b.arrays()))[0]
     where = [i for i, tok in enumerate(prompt) if tok == t.tokens.latent]
     np.testing.assert_allclose(states, slow[np.array(where) - 1], atol=1e-5)
     # The second thought is computed with the first one fed back, so they differ.

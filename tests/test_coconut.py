@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coconut_jax import coconut, data, metrics
+from coconut_jax import coconut, data, metrics, testing
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 CFG = GPT2Config(vocab_size=61, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -38,7 +38,7 @@ def test_fast_forward_equals_slow_reference(name):
     b = _batch(BATCHES[name])
     arrays = b.arrays()
     fast = jax.jit(lambda p: coconut.latent_forward(MODEL, p, arrays, b.prefix_len, b.n_latent))(PARAMS)
-    slow = jax.jit(lambda p: coconut.reference_hidden(MODEL, p, arrays))(PARAMS)
+    slow = jax.jit(lambda p: testing.reference_hidden(MODEL, p, arrays))(PARAMS)
     real = b.attention_mask.astype(bool)
     assert np.abs(np.asarray(fast)[real] - np.asarray(slow)[real]).max() <= 1e-5
     labelled = np.roll(b.labels != data.IGNORE, -1, axis=1)  # positions that predict a label
@@ -55,7 +55,7 @@ def test_fast_gradients_equal_slow_reference():
         return s / n
 
     def slow(p):
-        s, n = coconut.token_nll(MODEL.logits(p, coconut.reference_hidden(MODEL, p, arrays)), arrays["labels"])
+        s, n = coconut.token_nll(MODEL.logits(p, testing.reference_hidden(MODEL, p, arrays)), arrays["labels"])
         return s / n
 
     (lf, gf), (ls, gs) = jax.jit(jax.value_and_grad(fast))(PARAMS), jax.jit(jax.value_and_grad(slow))(PARAMS)
@@ -132,7 +132,7 @@ def _naive(params, prompt, max_new, eos=EOS):
     out = []
     for i in range(max_new):
         b = data.collate([(ids, None)], [0], latent_id=L, pad_id=PAD, batch_size=1, multiple=16)
-        h = coconut.reference_hidden(_JittedModel, params, b.arrays())
+        h = testing.reference_hidden(_JittedModel, params, b.arrays())
         last = int(np.nonzero(b.attention_mask[0])[0][-1])
         nxt = int(jnp.argmax(_JittedModel.logits(params, h[0, last])))
         if i > 0 and nxt == eos:

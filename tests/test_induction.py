@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from coconut_jax import hf, induction, tiny
+from coconut_jax import hf, tiny
+from coconut_jax.demo import induction
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 

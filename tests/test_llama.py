@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import coconut, data, hf, methods, models, tiny
+from coconut_jax import coconut, data, hf, methods, models, testing, tiny
 from coconut_jax.models.common import EMBEDDING, HEAD, get_path
 from coconut_jax.models.llama import LlamaConfig
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
@@ -153,7 +153,7 @@ def test_fast_latent_forward_equals_slow_reference(coconut_pair):
     b = _coconut_batch()
     arrays = b.arrays()
     fast = jax.jit(lambda p: coconut.latent_forward(model, p, arrays, b.prefix_len, b.n_latent))(params)
-    slow = jax.jit(lambda p: coconut.reference_hidden(model, p, arrays))(params)
+    slow = jax.jit(lambda p: testing.reference_hidden(model, p, arrays))(params)
     real = b.attention_mask.astype(bool)
     assert np.abs(np.asarray(fast)[real] - np.asarray(slow)[real]).max() <= 1e-5
 

@@ -96,7 +96,7 @@ def cot_checkpoints(tiny_dir, tmp_path_factory):
 
 def test_weight_source_kinds(tiny_dir, cot_checkpoints, tmp_path):
     d, _, _ = cot_checkpoints
-    assert rundir.weight_source("None").kind == "model"
+    assert rundir.weight_source(None).kind == "model"
     assert rundir.weight_source(tiny_dir).kind == "hf"
     best = rundir.weight_source(d)
     assert (best.kind, best.step) == ("ours", 2) and "best.json" in best.describe()
@@ -160,7 +160,7 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path, cot_checkpoints):
 
 
 def test_prepared_demo_data_is_rebuilt_when_its_settings_change(tmp_path):
-    from coconut_jax import prepare
+    from coconut_jax.demo import prepare
     c = config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py"))
     c.save_path = str(tmp_path)
     c.prepare.train, c.prepare.valid = 8, 3

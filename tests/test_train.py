@@ -165,6 +165,18 @@ def test_reference_yaml_parses_into_our_config(tmp_path):
               "num_epochs", "lr", "weight_decay", "global_batch_size", "reset_optimizer", "train_path", "val_path",
               "gradient_accumulation_steps", "bf16", "seed", "resume", "model_id", "name"):
         assert got[k] == ours[k], k
+    assert got.load_model_path is None  # the YAML's `None`: no checkpoint, not a path called "None"
+
+
+@pytest.mark.parametrize("value", ["None", ""])
+def test_no_checkpoint_is_none_past_config_loading(tmp_path, value):
+    c = config_lib.base_config()
+    assert c.load_model_path is None
+    c.train_path = c.val_path = str(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text("[]")
+    c.load_model_path = value  # as `--config.load_model_path=None` sets it
+    config_lib.validate(c)
+    assert c.load_model_path is None
 
 
 def test_yaml_errors(tmp_path):

@@ -66,5 +66,5 @@ def prepare_synthetic(c) -> None:
         build(c, root)
     if jax.process_count() > 1:  # the other hosts read what host 0 wrote
         from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("coconut_jax.prepare_synthetic")
+        multihost_utils.sync_global_devices("coconut_jax.demo.prepare_synthetic")
     c.train_path, c.val_path, c.model_id = prepared_paths(root)
