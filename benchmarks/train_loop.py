@@ -7,7 +7,7 @@ Builds the run of `--config` (its prepared data and model, under a temporary dir
 then times, interleaved `--repeats` times, one epoch of
   bare   the jitted accumulate + update on batches collated and put on the devices
          beforehand (nothing else: what the device needs)
-  loop   `Trainer._train_steps`: collation and transfer (prefetched), dropout keys,
+  loop   `loop.train_steps`: collation and transfer (prefetched), dropout keys,
          loss logging to metrics.jsonl, the SIGTERM check
 Both end with the params ready. Prints one JSON object: median seconds per step of each,
 their spread, and loop/bare.
@@ -27,8 +27,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from coconut_jax import config as config_lib, steps  # noqa: E402
-from coconut_jax.train import Trainer  # noqa: E402
+from coconut_jax import config as config_lib, loop as loop_lib, steps  # noqa: E402
+from coconut_jax.train import set_up  # noqa: E402
 
 
 def main():
@@ -44,31 +44,28 @@ def main():
     c.overlong = "skip"  # a longer generated record is not what this measures
     if c.prepare.kind:
         c.prepare.train = a.train
-    t = Trainer(c)
-    t.epoch = a.epoch
-    stage = t.cur.stage(a.epoch)
-    plan = t._plan(t.train_examples, stage, a.epoch)
+    run = set_up(c)
+    run.at.epoch = a.epoch
+    stage = run.cur.stage(a.epoch)
+    plan = run.plan(run.train_examples, stage, a.epoch)
     accum = c.gradient_accumulation_steps
     n_steps = -(-len(plan) // accum)
     batches = [plan.batch(k) for k in range(len(plan))]
-    on_device = [t._put(b) for b in batches]
+    on_device = [run.put(b) for b in batches]
     base = jax.random.key(c.seed)
+    losses, preemption = loop_lib.LossLog(run.ctx.sink, c.log_every_steps), loop_lib.Preemption()
 
     def bare():
-        acc = t.state.new_accumulator()
         for s in range(n_steps):
-            for k in range(s * accum, min((s + 1) * accum, len(plan))):
-                b = batches[k]
-                acc = steps.accumulate(t.model, t.state.params, acc, on_device[k], (base, np.int32(s), np.int32(k)),
-                                       prefix_len=b.prefix_len, n_latent=b.n_latent, method=t.cur.spec,
-                                       loss_chunk=c.loss_chunk)
-            _, acc = t.state.update(acc)
-        jax.block_until_ready(t.state.params)
+            ks = range(s * accum, min((s + 1) * accum, len(plan)))
+            steps.train_step(run.state, ((batches[k], on_device[k]) for k in ks), method=run.cur.spec, base_key=base,
+                             step=s, loss_chunk=c.loss_chunk)
+        jax.block_until_ready(run.state.params)
 
     def loop():
-        t.batch_in_epoch = 0
-        t._train_steps(plan, stage)
-        jax.block_until_ready(t.state.params)
+        run.at.batch_in_epoch = 0
+        loop_lib.train_steps(run, plan, stage, losses, preemption, lambda it, **kw: it)
+        jax.block_until_ready(run.state.params)
 
     bare(), loop()  # compile every shape of the epoch
     times = {"bare": [], "loop": []}
@@ -77,7 +74,7 @@ def main():
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) / n_steps)
-    out = {"config": os.path.relpath(a.config, ROOT), "steps_per_epoch": n_steps, "micro_batch": t.micro,
+    out = {"config": os.path.relpath(a.config, ROOT), "steps_per_epoch": n_steps, "micro_batch": run.ctx.micro,
            "device": jax.devices()[0].device_kind}
     for name, ts in times.items():
         out[f"{name}_s_per_step_median"] = float(np.median(ts))

@@ -131,9 +131,9 @@ def plot_accuracy_by_thoughts(acc: dict[int, float], path: str, thoughts_per_ste
 # -- command line ----------------------------------------------------------------------------
 
 def load_trained(c):
-    """A `Trainer` holding the run's latest checkpoint (evaluation only, nothing written)."""
+    """The run of `c` built on its latest checkpoint, for inspection (nothing claimed or written)."""
     from coconut_jax import checkpoint
-    from coconut_jax.train import Trainer
+    from coconut_jax.train import set_up
     c.only_eval = True
     c.wandb_mode = "disabled"
     config_lib.normalize(c)
@@ -143,33 +143,34 @@ def load_trained(c):
         if not found:
             raise config_lib.ConfigError(f"{ckpt_dir}: no checkpoint to analyse; train the run first")
         c.load_model_path = os.path.join(ckpt_dir, str(found[-1]))
-    return Trainer(c, writes=False)
+    return set_up(c, writes=False)
 
 
-def report(trainer, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
+def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
     """Prints the analysis of one validation question and accuracy by k; writes two PNGs."""
-    cur, tokens, tok = trainer.cur, trainer.tokens, trainer.tok
+    cur, tokens, tok = run.cur, run.tokens, run.tok
     max_k = cur.max_latent_stage if max_k is None else max_k
-    ex, record = trainer.val_examples[question], trainer.val_records[trainer.val_examples[question].idx]
+    ex, record = run.val_examples[question], run.val_records[run.val_examples[question].idx]
     prompt = data.eval_prompt(ex, max_k, dataclasses.replace(cur, max_latent_stage=max_k), tokens)
-    states = thoughts(trainer.model, trainer.params, prompt, tokens)
+    states = thoughts(run.model, run.params, prompt, tokens)
     os.makedirs(out_dir, exist_ok=True)
     print(f"question {question}: {record['question'][-120:]}")
     print(f"gold steps: {' '.join(record['steps'])}  answer: {record['answer']}")
-    for k, top in enumerate(decode_thoughts(trainer.model, trainer.params, states, tok, top_k)):
+    for k, top in enumerate(decode_thoughts(run.model, run.params, states, tok, top_k)):
         print(f"thought {k + 1}: " + "  ".join(f"{t!r} {p:.3f}" for t, p in top))
     result = {"question": question}
     if "idx_to_symbol" in record and len(states):
-        cm = concept_mass(trainer.model, trainer.params, states, record, tok)
+        cm = concept_mass(run.model, run.params, states, record, tok)
         dist = frontier_nodes(record)
         for k in range(len(states)):
             best = np.argsort(-cm.normalised[k])[:3]
             print(f"thought {k + 1} concept mass {cm.mass[k].sum():.3f}: " + ", ".join(
                 f"{cm.concepts[i]} (dist {dist.get(i, '-')}) {cm.normalised[k, i]:.2f}" for i in best))
         result["concept_plot"] = plot_concept_mass(cm, dist, os.path.join(out_dir, f"concepts_q{question}.png"))
-    acc = accuracy_by_thoughts(trainer.model, trainer.params, trainer.val_examples, trainer.val_records, cur, tokens,
-                               tok, max_k=max_k, batch_size=trainer.eval_rows, max_new_tokens=trainer.max_new,
-                               multiple=trainer.c.eval_pad_to_multiple)
+    acc = accuracy_by_thoughts(run.model, run.params, run.val_examples, run.val_records, cur, tokens,
+                               tok, max_k=max_k, batch_size=evaluate.eval_rows_for(run.c),
+                               max_new_tokens=evaluate.max_new_tokens_for(run.c),
+                               multiple=run.c.eval_pad_to_multiple)
     # k counts latent stages; with c_thought > 1 each one is several thoughts.
     per = cur.thoughts_per_step
     print("accuracy by thoughts at inference: " + ", ".join(f"{k * per} (k={k}): {a:.3f}" for k, a in acc.items()))
@@ -188,17 +189,17 @@ def cli():
     flags.DEFINE_integer("max_k", None, "largest number of latent stages at inference (default max_latent_stage)")
     flags.mark_flags_as_required(["config"])
 
-    def run(argv):
+    def main(argv):
         from coconut_jax.train import quiet_libraries
         quiet_libraries()
         f = flags.FLAGS
         try:
-            trainer = load_trained(f.config)
-            report(trainer, f.question, f.top_k, f.max_k, os.path.join(trainer.run_dir, "analysis"))
+            run = load_trained(f.config)
+            report(run, f.question, f.top_k, f.max_k, os.path.join(run.run_dir, "analysis"))
         except (config_lib.ConfigError, rundir.RunDirError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    app.run(run, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -39,6 +40,20 @@ def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent,
                                  loss_chunk=loss_chunk)
     (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
     return {"grads": jax.tree.map(jnp.add, acc["grads"], g), "loss": acc["loss"] + s, "count": acc["count"] + n}
+
+
+def train_step(state: "TrainState", micro_batches, *, method, base_key, step: int, loss_chunk: int = 0):
+    """One optimizer step: the micro-batches' gradients accumulated (token-weighted), then the
+    update. `micro_batches` yields (batch, its arrays on the mesh); micro-batch k of step
+    `step` draws its dropout from `base_key` folded with (step, k) inside the program. Returns
+    the step's mean token loss as a device scalar (read back when the caller wants it)."""
+    acc = state.take_accumulator()
+    for k, (batch, arrays) in enumerate(micro_batches):
+        acc = accumulate(state.model, state.params, acc, arrays, (base_key, np.int32(step), np.int32(k)),
+                         method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk)
+    loss, acc = state.update(acc)
+    state.keep_accumulator(acc)
+    return loss
 
 
 def mean_gradient(acc):
@@ -122,6 +137,15 @@ class TrainState:
 
     def new_accumulator(self):
         return self._zeros(self.params)
+
+    def take_accumulator(self):
+        """The zeroed accumulator the last update handed back (a new one the first time): no
+        gradient-sized allocation per step."""
+        acc, self._acc = getattr(self, "_acc", None), None
+        return self.new_accumulator() if acc is None else acc
+
+    def keep_accumulator(self, acc) -> None:
+        self._acc = acc
 
     def update(self, acc):
         """Applies the accumulated gradient; returns (the mean token loss as a device scalar,

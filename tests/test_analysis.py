@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from coconut_jax import analysis, data, testing
+from coconut_jax import analysis, data, evaluate, testing
 from coconut_jax.metrics import read_metrics
 
 
@@ -73,7 +73,8 @@ def test_frontier_nodes_are_distances_from_the_person():
 def test_accuracy_by_thoughts_matches_the_training_evaluation(trained, tiny_run):
     t = trained
     acc = analysis.accuracy_by_thoughts(t.model, t.params, t.val_examples, t.val_records, t.cur, t.tokens, t.tok,
-                                        max_k=2, batch_size=t.eval_rows, max_new_tokens=t.max_new,
+                                        max_k=2, batch_size=evaluate.eval_rows_for(t.c),
+                                        max_new_tokens=evaluate.max_new_tokens_for(t.c),
                                         multiple=t.c.pad_to_multiple)
     assert sorted(acc) == [0, 1, 2] and all(0.0 <= a <= 1.0 for a in acc.values())
     final = [e for e in read_metrics(os.path.join(tiny_run, "metrics.jsonl")) if "eval/acc" in e][-1]

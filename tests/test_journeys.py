@@ -295,13 +295,13 @@ def test_reference_yaml_with_every_method_flag_false_runs_as_pause_as_thought(wo
 def test_only_eval_of_every_method(world, tmp_path, method):
     """`only_eval` from a Hugging Face directory, in-process, at the stage `resume` implies."""
     from coconut_jax import config as config_lib
-    from coconut_jax.train import Trainer
+    from coconut_jax.train import run_config
     c = config_lib.load_config_file(os.path.join(ROOT, "configs", "prosqa_eval.py"))
     c.update(dict(method=method, save_path=str(tmp_path), cache_dir=str(tmp_path / "cache"), resume=2,
                   epochs_per_stage=1, model_id=world["model"], load_model_path=world["model"],
                   val_path=world["prosqa_valid"], max_new_tokens=8, eval_batch_size=6, print_examples=0,
                   only_eval_loss=method == "coconut"))
-    result = Trainer(c).run()
+    _, result = run_config(c)
     thoughts = {"coconut": 2.0, "pause_as_thought": 2.0}.get(method, 0.0)
     assert result["stage"] == (2 if method not in ("cot", "no_cot") else 0)
     assert result["eval/thoughts"] == thoughts

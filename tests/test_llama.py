@@ -392,9 +392,8 @@ opt = steps.make_optimizer(config_lib.base_config())
 
 def step(mesh):
     state = steps.TrainState(model, params, mesh, opt)
-    acc = steps.accumulate(model, state.params, state.new_accumulator(), sharding.put_batch(mesh, b.arrays()), None,
-                           prefix_len=b.prefix_len, n_latent=b.n_latent, method=methods.get("coconut"))
-    loss, _ = state.update(acc)
+    loss = steps.train_step(state, [(b, sharding.put_batch(mesh, b.arrays()))], method=methods.get("coconut"),
+                            base_key=jax.random.key(0), step=0)
     return state, float(loss), jax.tree.map(np.asarray, state.params)
 
 one = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
@@ -433,10 +432,9 @@ def test_bf16_params_train_and_keep_their_dtype():
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
     state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()), jnp.bfloat16)
     b = _coconut_batch()
-    acc = steps.accumulate(model, state.params, state.new_accumulator(), sharding.put_batch(mesh, b.arrays()), None,
-                           prefix_len=b.prefix_len, n_latent=b.n_latent, method=methods.get("coconut"))
     before = np.asarray(state.params["wte"], np.float32)
-    loss, _ = state.update(acc)
+    loss = steps.train_step(state, [(b, sharding.put_batch(mesh, b.arrays()))], method=methods.get("coconut"),
+                            base_key=jax.random.key(0), step=0)
     assert np.isfinite(float(loss))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state[0].mu)} == {jnp.dtype(jnp.bfloat16)}

@@ -1,0 +1,167 @@
+"""A run, composed: `open_run` claims its directory and makes its mesh, checkpoints and metrics
+sink; `build_run` loads its weights, state and data and puts it at its start (a resume or a
+fresh start). Nothing here trains: `loop.fit` does, `evaluate.Evaluator` evaluates.
+
+    ctx = open_run(c)            # run.json claimed, mesh, Checkpoints, MetricsSink
+    prepare_demo_data(c)         # configs with `prepare.kind` only (the CLI's set-up)
+    run = build_run(ctx)         # weights (own checkpoint, load_model_path or model_id), data
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+
+from coconut_jax import checkpoint, config as config_lib, data, hf, models, rundir, sharding, steps
+from coconut_jax.metrics import MetricsSink
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Where a run lives and what it runs on (no weights, no data)."""
+    c: object                 # the validated ml_collections config
+    run_dir: str
+    writes: bool              # False: loaded for inspection; nothing claimed, logged or saved
+    main: bool                # this process writes the shared files
+    mesh: object
+    micro: int                # rows per micro-batch (global)
+    ckpt: checkpoint.Checkpoints | None
+    sink: MetricsSink
+
+    @property
+    def data_devices(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def say(self, *a) -> None:
+        if self.main:
+            print(*a, flush=True)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run is: optimizer steps taken, the epoch (0-based) and the batch within it, and
+    the best evaluation accuracy so far (None before the first)."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_acc: float | None = None
+
+
+@dataclasses.dataclass
+class Run:
+    ctx: RunContext
+    cur: data.Curriculum
+    tok: object
+    tokens: hf.LatentTokens
+    model: object
+    state: steps.TrainState
+    val_records: list
+    val_examples: data.TokenizedSet
+    train_examples: data.TokenizedSet | list
+    plan_settings: data.PlanSettings
+    at: Position
+
+    @property
+    def c(self):
+        return self.ctx.c
+
+    @property
+    def params(self):
+        return self.state.params
+
+    @property
+    def run_dir(self) -> str:
+        return self.ctx.run_dir
+
+    def plan(self, examples, stage: int, epoch: int, shuffle: bool = True, static_shapes: bool | None = None):
+        """The batches of `examples` at `stage` in `epoch` (`data.EpochPlan`), this host's rows."""
+        return data.EpochPlan.of(examples, self.plan_settings, self.cur, self.tokens, stage, epoch, shuffle,
+                                 static_shapes)
+
+    def put(self, batch):
+        """A batch's arrays on the mesh, sharded over the data-parallel devices."""
+        return sharding.put_batch(self.ctx.mesh, batch.arrays())
+
+
+def open_run(c, writes: bool = True) -> RunContext:
+    """Validates `c`, claims `{save_path}/{name}` (unless `writes` is False), makes the mesh and
+    opens the run's checkpoints and metrics file. The multi-host runtime must be up already."""
+    config_lib.validate(c)
+    main = jax.process_index() == 0
+    run_dir = os.path.join(c.save_path, c.name)
+    if writes:
+        rundir.claim(run_dir, c, write=main)
+    mesh = config_lib.checked(sharding.make_mesh, c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    micro = c.global_batch_size // c.gradient_accumulation_steps
+    config_lib.check_batch_arithmetic(micro, mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count())
+    ckpt = None if (c.debug or not writes) else checkpoint.Checkpoints(
+        os.path.join(run_dir, "checkpoints"), main=main, asynchronous=c.async_checkpoints)
+    sink = MetricsSink(os.path.join(run_dir, "metrics.jsonl"), _wandb(c, run_dir, main and writes),
+                       enabled=main and writes)
+    return RunContext(c, run_dir, writes, main, mesh, micro, ckpt, sink)
+
+
+def _wandb(c, run_dir: str, writes: bool):
+    if c.wandb_mode == "disabled" or c.debug or not writes:
+        return None
+    import wandb
+    return wandb.init(project=c.project, name=c.name, mode=c.wandb_mode, config=c.to_dict(), dir=run_dir)
+
+
+def build_run(ctx: RunContext) -> Run:
+    """Weights (the run's own newest good checkpoint, else `load_model_path`, else `model_id`),
+    the sharded train state, the datasets, and the position to start from: a resume restores
+    its checkpoint and cuts metrics.jsonl back to it; a fresh start empties metrics.jsonl."""
+    c = ctx.c
+    cur = data.Curriculum(c.method, c.c_thought, c.max_latent_stage, c.epochs_per_stage, c.pad_latent_to_max,
+                          c.uniform_prob)
+    tok = hf.load_tokenizer(c.model_id)
+    tokens = hf.latent_tokens(tok)
+    own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
+    source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
+    config, params = rundir.load_weights(source, c.model_id, c.method, tok)
+    model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
+                         remat=c.remat, fused_attention=c.fused_attention)
+    state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype))
+    val_records, val_examples = data.load_dataset(
+        c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
+    train_examples = [] if c.only_eval else data.load_dataset(
+        c.train_path, tok, 5000 if c.debug else None, c.cache_dir, with_records=False,
+        tfds_data_dir=c.tfds_data_dir)[1]
+    settings = data.PlanSettings(seed=c.seed, batch_size=ctx.micro, multiple=c.pad_to_multiple,
+                                 max_len=model.config.n_positions, overlong=c.overlong, static_shapes=c.static_shapes,
+                                 host=jax.process_index(), num_hosts=jax.process_count())
+    run = Run(ctx, cur, tok, tokens, model, state, val_records, val_examples, train_examples, settings,
+              Position(epoch=c.resume))
+    if source.kind == "resume":
+        resume(run)
+    else:
+        ctx.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
+        ctx.say(f"weights from {source.describe() or c.model_id}")
+    return run
+
+
+def resume(run: Run) -> None:
+    """Restores the newest checkpoint that reads back whole (a damaged newer one is moved aside
+    with one line, and the run goes on from the one before, as it went the first time)."""
+    ctx = run.ctx
+    step, state, meta = ctx.ckpt.restore_newest(run.state.abstract(), say=ctx.say)
+    run.state.load(state)
+    run.at = Position(meta["step"], meta["epoch"], meta["batch_in_epoch"], meta["best_acc"])
+    ctx.sink.truncate(meta["metrics_count"])
+    ctx.say(f"resumed from {ctx.ckpt.dir}/{step}: epoch {run.at.epoch + 1}, batch {run.at.batch_in_epoch}")
+
+
+def save(run: Run, end_of_epoch: bool, eval_acc: float | None = None, best: bool = False) -> None:
+    """Starts writing a checkpoint of the run where it is (`loop` flushes its logged losses
+    first, so the metrics count it records is exact)."""
+    ctx, at = run.ctx, run.at
+    if ctx.ckpt is None:
+        return
+    meta = {"step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
+            "stage": run.cur.stage(at.epoch), "metrics_count": ctx.sink.count, "best_acc": at.best_acc,
+            "eval_acc": eval_acc, "method": run.c.method}
+    ctx.ckpt.save(at.step, run.state.params, run.state.opt_state, meta, end_of_epoch=end_of_epoch,
+                  best_acc=eval_acc if best else None)
