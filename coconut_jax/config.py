@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
 def small_model_on_cpu(c) -> None:
     """Settings for a model of a few layers trained on CPU (the demo, the tests): the
     memory/compile-time forms (scanned layers, XLA's fused attention, the chunked loss) cost
-    15-35% per step there and save nothing that matters (README "Speed and memory settings");
+    15-35% per step there and save nothing that matters (docs/configuration.md, "Speed and memory settings");
     the published configs keep them."""
     c.scan_layers, c.fused_attention, c.loss_chunk = False, False, 0
 

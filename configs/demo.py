@@ -17,7 +17,7 @@ def get_config():
     c.method = "coconut"
     # Two thoughts per replaced step, two epochs per stage, and the last six epochs at the full
     # latent stage (every step a thought): of the settings tried over the CoT-then-thoughts
-    # budget of 12 epochs, these brought the final stage closest to the CoT stage (README).
+    # budget of 12 epochs, these brought the final stage closest to the CoT stage (docs/demo.md).
     c.c_thought = 2
     c.max_latent_stage = 3
     c.epochs_per_stage = 2
