@@ -88,9 +88,9 @@ def phase_tokenize(a) -> dict:
 
 
 def phase_cached(a) -> dict:
-    from coconut_jax import data, hf
+    from coconut_jax import data, hf, latent_vocab
     tok = hf.load_tokenizer(a.model)
-    tokens = hf.latent_tokens(tok)
+    tokens = latent_vocab.latent_tokens(tok)
     base = rss_gb()
     t0 = time.perf_counter()
     _, ts = data.load_dataset(a.data, tok, cache_dir=a.cache, with_records=False)

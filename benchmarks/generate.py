@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import coconut, data, evaluate, testing
+from coconut_jax import coconut, data, evaluate, latent_vocab, testing
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 SHAPES = {
@@ -177,8 +177,8 @@ def bench_process(questions: int, singles: int) -> dict:
     # The reference's way on the same model and prompts.
     config, params = hf.load_pretrained(model_dir)
     tok = hf.load_tokenizer(model_dir)
-    toks = hf.latent_tokens(tok)
-    config, params = hf.add_latent_rows(config, params, tok)
+    toks = latent_vocab.latent_tokens(tok)
+    config, params = latent_vocab.add_latent_rows(config, params, tok)
     model = GPT2Model(config)
     cur = data.Curriculum("coconut", 1, 6, 5)
     recs, ts = data.load_dataset(val, tok)

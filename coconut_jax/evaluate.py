@@ -121,7 +121,8 @@ class Evaluator:
         run = self.run
         plan = run.plan(run.val_examples, stage, run.at.epoch, shuffle=False, static_shapes=True)
         terms = [steps.eval_loss_terms(run.model, run.params, run.put(batch), method=run.cur.spec,
-                                       prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=run.c.loss_chunk)
+                                       prefix_len=batch.prefix_len, n_latent=batch.n_latent,
+                                       loss_chunk=run.c.loss_chunk)
                  for batch in self.progress(plan.batches(), desc="val loss", total=len(plan))]
         total, count = (float(x) for x in np.sum(jax.device_get(terms), axis=0)) if terms else (0.0, 0.0)
         return total / max(count, 1.0)

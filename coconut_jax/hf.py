@@ -20,25 +20,15 @@ from typing import Any
 import numpy as np
 
 from coconut_jax import models
+from coconut_jax.latent_vocab import END_LATENT, LATENT, START_LATENT
 from coconut_jax.models.common import EMBEDDING, HEAD, Params, get_path, set_path
 
-START_LATENT, END_LATENT, LATENT = "<|start-latent|>", "<|end-latent|>", "<|latent|>"
-LATENT_INIT_TOKEN = "<<"
 REFERENCE_PREFIX = "base_causallm."
 SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
 class CheckpointError(ValueError):
     """A checkpoint or model directory that cannot be used, with the reason."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LatentTokens:
-    start: int
-    end: int
-    latent: int
-    eos: int
-    pad: int
 
 
 # -- names ---------------------------------------------------------------------------------
@@ -78,43 +68,21 @@ class Naming:
     buffers: re.Pattern
 
 
-_GPT2_LAYER = {  # HF name after "h.{i}." -> our path after ("h", i)
-    "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "bias"),
-    "attn.c_attn.weight": ("c_attn", "kernel"), "attn.c_attn.bias": ("c_attn", "bias"),
-    "attn.c_proj.weight": ("attn_proj", "kernel"), "attn.c_proj.bias": ("attn_proj", "bias"),
-    "ln_2.weight": ("ln_2", "scale"), "ln_2.bias": ("ln_2", "bias"),
-    "mlp.c_fc.weight": ("c_fc", "kernel"), "mlp.c_fc.bias": ("c_fc", "bias"),
-    "mlp.c_proj.weight": ("mlp_proj", "kernel"), "mlp.c_proj.bias": ("mlp_proj", "bias"),
-}
-_GPT2_TOP = {"wte.weight": ("wte",), "wpe.weight": ("wpe",), "ln_f.weight": ("ln_f", "scale"), "ln_f.bias": ("ln_f", "bias")}
-_LLAMA_LAYER = {  # HF name after "layers.{i}." -> (our path after ("h", i), Tensor.split)
-    "input_layernorm.weight": (("attn_norm", "scale"), 0),
-    "self_attn.q_proj.weight": (("q", "kernel"), 1), "self_attn.q_proj.bias": (("q", "bias"), 0),
-    "self_attn.k_proj.weight": (("k", "kernel"), 1), "self_attn.k_proj.bias": (("k", "bias"), 0),
-    "self_attn.v_proj.weight": (("v", "kernel"), 1), "self_attn.v_proj.bias": (("v", "bias"), 0),
-    "self_attn.o_proj.weight": (("o", "kernel"), 2), "self_attn.o_proj.bias": (("o", "bias"), 0),
-    "self_attn.q_norm.weight": (("q_norm", "scale"), 0), "self_attn.k_norm.weight": (("k_norm", "scale"), 0),
-    "post_attention_layernorm.weight": (("mlp_norm", "scale"), 0),
-    "mlp.gate_proj.weight": (("gate", "kernel"), 1), "mlp.up_proj.weight": (("up", "kernel"), 1),
-    "mlp.down_proj.weight": (("down", "kernel"), 1),
-}
-_LLAMA_TOP = {"embed_tokens.weight": ("wte",), "norm.weight": ("ln_f", "scale")}
 HEAD_NAME = "lm_head.weight"
 
 
 def naming(config) -> Naming:
-    """The tensors of `config`'s model as HF names them (only those its params hold)."""
-    shapes = models.build(config).param_shapes()
-    have = lambda path: _has_path(shapes, path)  # noqa: E731
-    if models.model_type(config) == "gpt2":
-        tensors = [Tensor(k, p, get_path(shapes, p).shape) for k, p in _GPT2_TOP.items()]
-        tensors += [Tensor(f"h.{i}.{k}", ("h", str(i)) + p, get_path(shapes, ("h", str(i)) + p).shape)
-                    for i in range(config.n_layer) for k, p in _GPT2_LAYER.items()]
-        return Naming("transformer.", tuple(tensors), re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$"))
-    tensors = [Tensor(k, p, get_path(shapes, p).shape) for k, p in _LLAMA_TOP.items()]
-    tensors += [Tensor(f"layers.{i}.{k}", ("h", str(i)) + p, get_path(shapes, ("h", str(i)) + p).shape, t)
-                for i in range(config.n_layer) for k, (p, t) in _LLAMA_LAYER.items() if have(("h", str(i)) + p)]
-    return Naming("model.", tuple(tensors), re.compile(r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$"))
+    """The tensors of `config`'s model as HF names them (only those its params hold), from the
+    names its family module declares (`HF_NAMES`)."""
+    model = models.build(config)
+    shapes, names = model.param_shapes(), model.hf_names
+    tensors = [Tensor(k, p, get_path(shapes, p).shape) for k, p in names.top.items()]
+    for i in range(config.n_layer):
+        for k, (p, split) in names.layer.items():
+            path = ("h", str(i)) + p
+            if _has_path(shapes, path):
+                tensors.append(Tensor(f"{names.layer_prefix}.{i}.{k}", path, get_path(shapes, path).shape, split))
+    return Naming(names.prefix, tuple(tensors), re.compile(names.buffers))
 
 
 def _has_path(tree, path) -> bool:
@@ -275,11 +243,6 @@ def load_pretrained(model_id: str) -> tuple[Any, Params]:
     return config, state_dict_to_params(read_state_dict(model_dir), config, model_dir)
 
 
-# Tokenizer classes by `model_type`, for checkpoints whose tokenizer_config.json names none
-# (the hub's GPT-2); the mapping AutoTokenizer would consult lives beside the torch import.
-_TOKENIZER_BY_MODEL_TYPE = {"gpt2": "GPT2Tokenizer"}
-
-
 def _read_json_field(path: str, field: str):
     try:
         with open(path, encoding="utf-8") as f:
@@ -295,7 +258,9 @@ def _tokenizer_class(model_dir: str):
     a second of every start. None: ask AutoTokenizer."""
     import transformers
     name = (_read_json_field(os.path.join(model_dir, "tokenizer_config.json"), "tokenizer_class")
-            or _TOKENIZER_BY_MODEL_TYPE.get(_read_json_field(os.path.join(model_dir, "config.json"), "model_type")))
+            # A checkpoint whose tokenizer_config.json names none (the hub's GPT-2): its family's class
+            # (the mapping AutoTokenizer would consult lives beside the torch import).
+            or models.tokenizer_class(_read_json_field(os.path.join(model_dir, "config.json"), "model_type")))
     if name is None:
         return None
     for candidate in ((name,) if name.endswith("Fast") else (name + "Fast", name)):
@@ -323,51 +288,6 @@ def load_tokenizer(model_id: str):
         if t not in vocab:
             tok.add_tokens(t)
     return tok
-
-
-def latent_tokens(tok) -> LatentTokens:
-    ids = tok.convert_tokens_to_ids([START_LATENT, END_LATENT, LATENT])
-    return LatentTokens(*ids, eos=tok.eos_token_id, pad=tok.pad_token_id)
-
-
-def latent_source_ids(tok) -> list[int]:
-    """The token(s) whose rows the latent rows copy: `<<`, as the reference does. A tokenizer
-    without a single `<<` token (the reference would copy its unknown token's row, or fail)
-    gives the tokens `<<` encodes to; their mean row is used."""
-    src = tok.convert_tokens_to_ids(LATENT_INIT_TOKEN)
-    if src is not None and src != tok.unk_token_id and tok.convert_ids_to_tokens(src) == LATENT_INIT_TOKEN:
-        return [src]
-    ids = tok.encode(LATENT_INIT_TOKEN, add_special_tokens=False)
-    if not ids:
-        raise CheckpointError(f"tokenizer encodes {LATENT_INIT_TOKEN!r} to nothing: no row to initialise the "
-                              f"latent tokens from")
-    return ids
-
-
-def add_latent_rows(config, params: Params, tok):
-    """Sizes the embedding (and an untied head) to the tokenizer and initialises the latent rows.
-
-    As the reference does for Coconut (`resize_token_embeddings(len(tokenizer))`, then row
-    copies): the tables get exactly `len(tok)` rows, grown with the mean row or cut (Qwen's
-    embeddings carry unused rows beyond its tokenizer; the reference's resize cuts them too),
-    and the rows of the three latent tokens become the row of `<<` (`latent_source_ids`) in
-    each table. A checkpoint with `len(tok)` rows already holds its latent rows (a Coconut
-    checkpoint) and is returned unchanged.
-    """
-    n = len(tok)
-    if np.shape(params[EMBEDDING])[0] == n:
-        return config, params
-    sources, ids = latent_source_ids(tok), latent_tokens(tok)
-    out = dict(params)
-    for name in (EMBEDDING, HEAD):
-        if name not in params:
-            continue
-        table = np.asarray(params[name], np.float32)
-        sized = np.concatenate([table, np.repeat(table.mean(0, keepdims=True), max(n - len(table), 0), 0)])[:n]
-        for i in (ids.start, ids.end, ids.latent):
-            sized[i] = table[sources].mean(0)
-        out[name] = sized
-    return dataclasses.replace(config, vocab_size=n), out
 
 
 # -- reference (PyTorch) checkpoints -------------------------------------------------------

@@ -14,7 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import checkpoint, config as config_lib, data, hf, models, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, data, hf, latent_vocab, models, rundir, sharding, steps
 from coconut_jax.metrics import MetricsSink
 
 
@@ -54,7 +54,7 @@ class Run:
     ctx: RunContext
     cur: data.Curriculum
     tok: object
-    tokens: hf.LatentTokens
+    tokens: latent_vocab.LatentTokens
     model: object
     state: steps.TrainState
     val_records: list
@@ -118,7 +118,7 @@ def build_run(ctx: RunContext) -> Run:
     cur = data.Curriculum(c.method, c.c_thought, c.max_latent_stage, c.epochs_per_stage, c.pad_latent_to_max,
                           c.uniform_prob)
     tok = hf.load_tokenizer(c.model_id)
-    tokens = hf.latent_tokens(tok)
+    tokens = latent_vocab.latent_tokens(tok)
     own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
     config, params = rundir.load_weights(source, c.model_id, c.method, tok)

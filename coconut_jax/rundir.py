@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, methods, tfds_source
+from coconut_jax import checkpoint, latent_vocab, methods, tfds_source
 from coconut_jax.files import cause, write_atomic
 
 RUN_FILE = "run.json"
@@ -215,6 +215,6 @@ def load_weights(source: Source, model_id: str, method: str, tok):
         params = _load_ours(source, config, method, model_id)
     config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
     if methods.get(method).latent_tokens:
-        config, params = hf.add_latent_rows(config, params, tok)
+        config, params = latent_vocab.add_latent_rows(config, params, tok)
     return config, params
 

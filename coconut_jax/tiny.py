@@ -14,20 +14,11 @@ import argparse
 import dataclasses
 from typing import Iterable
 
-from coconut_jax import hf, models
+from coconut_jax import hf, latent_vocab, models
 from coconut_jax.demo import induction
 from coconut_jax.models.gpt2 import GPT2Config
-from coconut_jax.models.llama import LlamaConfig
 
 FAMILIES = tuple(models.FAMILIES)
-# The pre-tokenizer split patterns of Llama 3 and Qwen2 (digits in threes vs one by one).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
-# family -> (special tokens, bos, eos)
-_SPECIALS = {"gpt2": (["<|endoftext|>"], None, "<|endoftext|>"),
-             "llama": (["<|begin_of_text|>", "<|end_of_text|>"], "<|begin_of_text|>", "<|end_of_text|>"),
-             "qwen2": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|endoftext|>")}
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, family: str = "gpt2"):
@@ -39,47 +30,37 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, family: str = 
     from tokenizers import Regex, Tokenizer, decoders, models as bpe, normalizers, pre_tokenizers, processors, trainers
     import transformers
 
-    kind = "qwen2" if family == "qwen3" else family
-    specials, bos, eos = _SPECIALS[kind]
+    kind = models.family(family).tokenizers[family]
     tok = Tokenizer(bpe.BPE())
-    if kind == "gpt2":
+    if kind.split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        split = _LLAMA3_SPLIT if kind == "llama" else _QWEN2_SPLIT
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(kind.split), behavior="isolated"),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    if kind == "qwen2":
+    if kind.nfc:
         tok.normalizer = normalizers.NFC()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, min_frequency=2,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(kind.specials), min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
 
     def corpus():
         yield from texts
-        yield from [hf.LATENT_INIT_TOKEN] * 10_000  # frequent enough to be among the first merges
+        yield from [latent_vocab.LATENT_INIT_TOKEN] * 10_000  # frequent enough to be among the first merges
 
     tok.train_from_iterator(corpus(), trainer=trainer)
-    if kind == "gpt2":
-        return transformers.GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
-    if kind == "llama":
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos)
-    return transformers.Qwen2Tokenizer(tokenizer_object=tok, eos_token=eos, pad_token=eos, bos_token=None,
-                                       unk_token=None)
+    if kind.bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{kind.bos} $A", pair=f"{kind.bos} $A {kind.bos} $B",
+            special_tokens=[(kind.bos, tok.token_to_id(kind.bos))])
+    return getattr(transformers, kind.hf_class)(tokenizer_object=tok, **kind.hf_kwargs)
 
 
 def model_config(family: str, vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int,
                  dropout: float = 0.0, n_kv_head: int = 0, tied: bool = True):
-    """A small config of `family`; Llama/Qwen get n_kv_head key/value heads (0: half of n_head)."""
-    if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                          n_head=n_head, embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
-    kv = n_kv_head or (n_head // 2 if n_head % 2 == 0 else n_head)
-    return LlamaConfig(model_type=family, vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=4 * n_embd,
-                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=kv,
-                       head_dim=n_embd // n_head, max_position_embeddings=n_positions, rms_norm_eps=1e-6,
-                       rope_theta=10000.0, rope_scaling=(), tie_word_embeddings=tied, attention_dropout=dropout)
+    """A small config of `family` (its module's `tiny_config`); Llama/Qwen get n_kv_head key/value
+    heads (0: half of n_head)."""
+    return models.family(family).tiny_config(family, vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                             n_positions=n_positions, dropout=dropout, n_kv_head=n_kv_head, tied=tied)
 
 
 def build(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024, n_layer: int = 2, n_embd: int = 128,

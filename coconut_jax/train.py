@@ -15,7 +15,8 @@ import sys
 
 import jax
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, files, hf, loop, rundir, sharding
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, files, hf, latent_vocab, loop, rundir,
+                         sharding)
 from coconut_jax.demo import prepare
 from coconut_jax.run import Run, build_run, open_run
 
@@ -86,8 +87,8 @@ def cli():
         quiet_libraries()
         try:
             main(argv)
-        except (config_lib.ConfigError, data.DataError, hf.CheckpointError, rundir.RunDirError,
-                checkpoint.CheckpointFault) as e:
+        except (config_lib.ConfigError, data.DataError, hf.CheckpointError, latent_vocab.LatentVocabError,
+                rundir.RunDirError, checkpoint.CheckpointFault) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except files.WriteError as e:

@@ -4,11 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from coconut_jax import data, hf, methods
+from coconut_jax import data, hf, latent_vocab, methods
 from coconut_jax.data import IGNORE, Curriculum, Example, collate, training_sequence, eval_prompt
 from tests.conftest import SAMPLE_RECORDS, shared_file
 
-TOK = hf.LatentTokens(start=100, end=101, latent=102, eos=0, pad=0)
+TOK = latent_vocab.LatentTokens(start=100, end=101, latent=102, eos=0, pad=0)
 S, E, L = TOK.start, TOK.end, TOK.latent
 EX = Example(idx=7, question=(1, 2), steps=((10,), (20, 21), (30,)), answer=(40, 0))
 

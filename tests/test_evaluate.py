@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from coconut_jax import data, evaluate, hf
+from coconut_jax import data, evaluate, hf, latent_vocab
 from coconut_jax.models.gpt2 import GPT2Model
 from tests.conftest import SAMPLE_RECORDS
 
@@ -11,9 +11,9 @@ from tests.conftest import SAMPLE_RECORDS
 def setup(tiny_dir):
     tok = hf.load_tokenizer(tiny_dir)
     config, params = hf.load_pretrained(tiny_dir)
-    config, params = hf.add_latent_rows(config, params, tok)
+    config, params = latent_vocab.add_latent_rows(config, params, tok)
     examples = data.tokenize_records(SAMPLE_RECORDS, tok)
-    return GPT2Model(config), params, tok, hf.latent_tokens(tok), examples
+    return GPT2Model(config), params, tok, latent_vocab.latent_tokens(tok), examples
 
 
 def _predict(setup, batch_size, context, overlong="error", row_multiple=1):

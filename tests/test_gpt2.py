@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import hf
+from coconut_jax import hf, latent_vocab
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model, get_path
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
 
@@ -160,18 +160,18 @@ def test_pytorch_bin_directory_is_read_through_torch(pair, tmp_path):
 def test_latent_tokens_ids_and_rows(tiny_dir):
     tok = hf.load_tokenizer(tiny_dir)
     config, params = hf.load_pretrained(tiny_dir)
-    ids = hf.latent_tokens(tok)
+    ids = latent_vocab.latent_tokens(tok)
     base = config.vocab_size
     assert (ids.start, ids.end, ids.latent) == (base, base + 1, base + 2)
     assert tok.pad_token_id == tok.eos_token_id == ids.pad
-    config2, params2 = hf.add_latent_rows(config, params, tok)
+    config2, params2 = latent_vocab.add_latent_rows(config, params, tok)
     assert config2.vocab_size == len(tok) == base + 3
     src = tok.convert_tokens_to_ids("<<")
     for i in (ids.start, ids.end, ids.latent):
         np.testing.assert_array_equal(params2["wte"][i], params["wte"][src])
     np.testing.assert_array_equal(params2["wte"][:base], params["wte"])
     # A model that already has the latent tokens (an exported Coconut model) is used as it is.
-    assert hf.add_latent_rows(config2, params2, tok)[1] is params2
+    assert latent_vocab.add_latent_rows(config2, params2, tok)[1] is params2
 
 
 def _without_tokenizer_class(src, dst):
@@ -199,12 +199,12 @@ def test_tokenizer_is_autotokenizers_choice_without_importing_torch(tiny_dir, tm
 
 def test_exported_coconut_model_keeps_its_latent_tokens(tiny_dir, tmp_path):
     tok = hf.load_tokenizer(tiny_dir)
-    config, params = hf.add_latent_rows(*hf.load_pretrained(tiny_dir), tok)
-    params["wte"][hf.latent_tokens(tok).latent] += 1.0
+    config, params = latent_vocab.add_latent_rows(*hf.load_pretrained(tiny_dir), tok)
+    params["wte"][latent_vocab.latent_tokens(tok).latent] += 1.0
     d = hf.export_hf(config, params, str(tmp_path / "coconut"), tokenizer=tok)
     tok2 = hf.load_tokenizer(d)
-    assert len(tok2) == len(tok) and hf.latent_tokens(tok2) == hf.latent_tokens(tok)
-    config2, params2 = hf.add_latent_rows(*hf.load_pretrained(d), tok2)
+    assert len(tok2) == len(tok) and latent_vocab.latent_tokens(tok2) == latent_vocab.latent_tokens(tok)
+    config2, params2 = latent_vocab.add_latent_rows(*hf.load_pretrained(d), tok2)
     np.testing.assert_array_equal(params2["wte"], params["wte"])
 
 

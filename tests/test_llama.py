@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import coconut, data, hf, methods, models, testing, tiny
+from coconut_jax import coconut, data, hf, latent_vocab, methods, models, testing, tiny
 from coconut_jax.models.common import EMBEDDING, HEAD, get_path
 from coconut_jax.models.llama import LlamaConfig
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
@@ -315,14 +315,14 @@ def test_latent_rows_copy_the_row_of_double_angle_in_embedding_and_head(family_d
     config, params = hf.load_pretrained(d)
     untied = dataclasses.replace(config, tie_word_embeddings=False)
     params = {**params, "lm_head": np.asarray(params["wte"]) * -1.0}
-    grown_config, grown = hf.add_latent_rows(untied, params, tok)
-    ids = hf.latent_tokens(tok)
+    grown_config, grown = latent_vocab.add_latent_rows(untied, params, tok)
+    ids = latent_vocab.latent_tokens(tok)
     src = tok.convert_tokens_to_ids("<<")
     assert grown_config.vocab_size == len(tok) == grown["wte"].shape[0] == grown["lm_head"].shape[0]
     for name in ("wte", "lm_head"):
         for i in (ids.start, ids.end, ids.latent):
             np.testing.assert_array_equal(grown[name][i], np.asarray(params[name])[src])
-    again_config, again = hf.add_latent_rows(grown_config, grown, tok)
+    again_config, again = latent_vocab.add_latent_rows(grown_config, grown, tok)
     assert again is grown  # a checkpoint with its latent rows is left alone
 
 
@@ -334,9 +334,9 @@ def test_spare_embedding_rows_are_cut_to_the_tokenizer_as_the_reference_resizes(
     config, params = hf.load_pretrained(d)
     spare = np.concatenate([np.asarray(params["wte"]), np.ones((40, config.hidden_size), np.float32)])
     config = dataclasses.replace(config, vocab_size=len(spare))
-    got_config, got = hf.add_latent_rows(config, {**params, "wte": spare}, tok)
+    got_config, got = latent_vocab.add_latent_rows(config, {**params, "wte": spare}, tok)
     assert got["wte"].shape[0] == len(tok) == got_config.vocab_size
-    np.testing.assert_array_equal(got["wte"][hf.latent_tokens(tok).latent], spare[tok.convert_tokens_to_ids("<<")])
+    np.testing.assert_array_equal(got["wte"][latent_vocab.latent_tokens(tok).latent], spare[tok.convert_tokens_to_ids("<<")])
 
 
 def test_without_a_single_double_angle_token_the_latent_rows_are_the_mean_of_its_pieces():
@@ -359,7 +359,7 @@ def test_without_a_single_double_angle_token_the_latent_rows_are_the_mean_of_its
     rng = np.random.default_rng(0)
     wte, head = rng.normal(size=(8, 4)).astype(np.float32), rng.normal(size=(8, 4)).astype(np.float32)
     config = LlamaConfig(model_type="llama", vocab_size=8, hidden_size=4, tie_word_embeddings=False)
-    got_config, got = hf.add_latent_rows(config, {EMBEDDING: wte, HEAD: head}, Tok())
+    got_config, got = latent_vocab.add_latent_rows(config, {EMBEDDING: wte, HEAD: head}, Tok())
     assert got_config.vocab_size == 11
     for name, table in ((EMBEDDING, wte), (HEAD, head)):
         assert got[name].shape == (11, 4)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, files, hf, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, latent_vocab, rundir, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Model
 
 
@@ -126,8 +126,8 @@ def test_hand_off_loads_first_then_grows_the_vocabulary(tiny_dir, cot_checkpoint
     n_old = params["wte"].shape[0]
     assert config.vocab_size == len(tok) == n_old + 3
     np.testing.assert_array_equal(got["wte"][:n_old], params["wte"])
-    src = tok.convert_tokens_to_ids(hf.LATENT_INIT_TOKEN)
-    for t in (hf.START_LATENT, hf.END_LATENT, hf.LATENT):
+    src = tok.convert_tokens_to_ids(latent_vocab.LATENT_INIT_TOKEN)
+    for t in (latent_vocab.START_LATENT, latent_vocab.END_LATENT, latent_vocab.LATENT):
         np.testing.assert_array_equal(got["wte"][tok.convert_tokens_to_ids(t)], params["wte"][src])
     np.testing.assert_array_equal(got["h"]["0"]["c_fc"]["kernel"], params["h"]["0"]["c_fc"]["kernel"])
     # A method without latent tokens keeps the vocabulary as it was.

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from coconut_jax import data, hf, tfds_source
+from coconut_jax import data, hf, latent_vocab, tfds_source
 from coconut_jax.metrics import read_metrics
 from tests.conftest import ROOT, SAMPLE_RECORDS, run_cli
 
@@ -67,7 +67,7 @@ def test_identical_batches_for_the_same_seed(packed, tiny_dir, tmp_path, monkeyp
                                   with_records=False, tfds_data_dir=data_dir)
     assert cached == from_json
     cur = data.Curriculum("coconut", 1, 2, 1)
-    tokens = hf.latent_tokens(tok)
+    tokens = latent_vocab.latent_tokens(tok)
     for stage, epoch in ((0, 0), (2, 3)):
         plans = [data.EpochPlan(ts, cur, tokens, stage, 7, epoch, 8) for ts in (from_json, from_tfds)]
         for a, b in zip(plans[0].batches(), plans[1].batches()):

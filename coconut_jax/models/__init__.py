@@ -24,6 +24,20 @@ def config_from_hf(d: dict[str, Any]):
     return FAMILIES[kind][0].from_hf_dict(d)
 
 
+def family(model_type: str) -> type[FunctionalModel]:
+    """The model class of a `model_type`, which holds the family's knowledge: its HF tensor
+    names, its tokenizers' kinds, its small configs."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[model_type][1]
+
+
+def tokenizer_class(model_type: str | None) -> str | None:
+    """The tokenizer class a family's checkpoints load as when their files name none."""
+    family = FAMILIES.get(model_type or "")
+    return family[1].hf_names.tokenizer_class if family else None
+
+
 def model_type(config) -> str:
     return getattr(config, "model_type", "gpt2")
 

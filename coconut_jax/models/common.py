@@ -8,6 +8,7 @@ values of earlier segments passed explicitly, is written once here.
 """
 from __future__ import annotations
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -143,6 +144,7 @@ class FunctionalModel:
     """
     module: type
     keys_per_layer: int = 1
+    hf_names: "HFNames"
 
     def __init__(self, config, dtype=jnp.float32, *, scan_layers: bool = False, remat: str = "none",
                  fused_attention: bool = True):
@@ -267,3 +269,36 @@ class FunctionalModel:
 
     def _final(self, params, x):
         raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class HFNames:
+    """How a family's Hugging Face checkpoints name its tensors (hf.py reads them; a family
+    module holds its own). Per-layer names are `{layer_prefix}.{i}.{name}`; a `split` > 0 marks
+    an HF Linear weight [out, in] whose transpose is our kernel with its first `split` axes the
+    input."""
+    prefix: str             # of the base model's tensors in a ...ForCausalLM state dict
+    top: dict               # HF name -> our path
+    layer_prefix: str
+    layer: dict             # HF name after "{layer_prefix}.{i}." -> (our path after ("h", i), split)
+    buffers: str            # regex of stored buffers that hold no learned weights
+    tokenizer_class: str | None = None  # for checkpoints whose tokenizer_config.json names none
+
+
+def linear(p, x, spec: str = "...i,io->...o"):
+    """The projection of every family: `x` against `p["kernel"]` (an einsum `spec`), plus
+    `p["bias"]` when the layer has one, in `x`'s dtype."""
+    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
+    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerKind:
+    """How tiny.py builds a family's tokenizer offline: byte-level BPE with these special tokens,
+    saved as the class the family's hub checkpoints load as."""
+    specials: tuple[str, ...]
+    hf_class: str
+    hf_kwargs: dict         # the special-token arguments of `hf_class` (token strings or None)
+    split: str | None = None  # a split pattern applied before the byte-level step (None: GPT-2's own)
+    nfc: bool = False         # NFC-normalise the text first
+    bos: str | None = None    # a token the post-processor puts before every text

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coconut_jax.models.common import (EMBED, HEADS, MLP, POSITION, QKV, VOCAB, FunctionalModel, Params, attention,
-                                       dropout, get_path, ones, param, set_path)
+from coconut_jax.models.common import (EMBED, HEADS, MLP, POSITION, QKV, VOCAB, FunctionalModel, HFNames, Params,
+                                       TokenizerKind, attention, dropout, get_path, linear, ones, param, set_path)
 
 __all__ = ["GPT2Config", "GPT2Model", "Params", "get_path", "set_path"]
 
@@ -109,31 +109,58 @@ def layer_norm(p, x, eps: float):
     return y.astype(x.dtype)
 
 
-def dense(p, x):
-    return x @ p["kernel"].astype(x.dtype) + p["bias"].astype(x.dtype)
-
-
 def block(p, x, self_allowed, past, cfg: GPT2Config, keys, fused: bool):
     """One transformer layer. x: [B,T,E]; self_allowed: [B,T,T] bool (causal among the
     inputs); past: (k, v [B,H,S,D], allowed [B,1,S]) per earlier segment of this layer.
     Returns the new x and this layer's (k, v) of the inputs."""
     b, t, _ = x.shape
     h, d = cfg.n_head, cfg.head_dim
-    qkv = dense(p["c_attn"], layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon))
+    qkv = linear(p["c_attn"], layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon))
     q, k, v = (a.reshape(b, t, h, d) for a in jnp.split(qkv, 3, axis=-1))
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B,H,T,D], the cache layout
     attn = attention(q, k, v, self_allowed, past, fused=fused, dropout_rate=cfg.attn_pdrop, key=keys[0])
-    x = x + dropout(dense(p["attn_proj"], attn.reshape(b, t, h * d)), cfg.resid_pdrop, keys[1])
+    x = x + dropout(linear(p["attn_proj"], attn.reshape(b, t, h * d)), cfg.resid_pdrop, keys[1])
     act = _ACTIVATIONS[cfg.activation_function]
-    mlp = dense(p["mlp_proj"], act(dense(p["c_fc"], layer_norm(p["ln_2"], x, cfg.layer_norm_epsilon))))
+    mlp = linear(p["mlp_proj"], act(linear(p["c_fc"], layer_norm(p["ln_2"], x, cfg.layer_norm_epsilon))))
     x = x + dropout(mlp, cfg.resid_pdrop, keys[2])
     return x, (k, v)
+
+
+# Hugging Face's names of GPT-2's tensors (Conv1D weights are stored [in, out]: no transpose).
+HF_NAMES = HFNames(
+    prefix="transformer.",
+    top={"wte.weight": ("wte",), "wpe.weight": ("wpe",), "ln_f.weight": ("ln_f", "scale"),
+         "ln_f.bias": ("ln_f", "bias")},
+    layer_prefix="h",
+    layer={"ln_1.weight": (("ln_1", "scale"), 0), "ln_1.bias": (("ln_1", "bias"), 0),
+           "attn.c_attn.weight": (("c_attn", "kernel"), 0), "attn.c_attn.bias": (("c_attn", "bias"), 0),
+           "attn.c_proj.weight": (("attn_proj", "kernel"), 0), "attn.c_proj.bias": (("attn_proj", "bias"), 0),
+           "ln_2.weight": (("ln_2", "scale"), 0), "ln_2.bias": (("ln_2", "bias"), 0),
+           "mlp.c_fc.weight": (("c_fc", "kernel"), 0), "mlp.c_fc.bias": (("c_fc", "bias"), 0),
+           "mlp.c_proj.weight": (("mlp_proj", "kernel"), 0), "mlp.c_proj.bias": (("mlp_proj", "bias"), 0)},
+    buffers=r"^h\.\d+\.attn\.(bias|masked_bias)$",
+    tokenizer_class="GPT2Tokenizer")
+
+
+TOKENIZERS = {"gpt2": TokenizerKind(
+    specials=("<|endoftext|>",), hf_class="GPT2TokenizerFast",
+    hf_kwargs={"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})}
+
+
+def tiny_config(model_type: str, vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int,
+                dropout: float = 0.0, n_kv_head: int = 0, tied: bool = True) -> GPT2Config:
+    """A small GPT-2 (tiny.py); `n_kv_head` and `tied` do not apply (GPT-2's head is tied)."""
+    return GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                      embd_pdrop=dropout, attn_pdrop=dropout, resid_pdrop=dropout)
 
 
 class GPT2Model(FunctionalModel):
     """GPT-2 (learned positions, tied head, dropout on embeddings, attention and residuals)."""
     module = GPT2
     keys_per_layer = 3  # attention probabilities, attention output, MLP output
+    hf_names = HF_NAMES
+    tokenizers = TOKENIZERS
+    tiny_config = staticmethod(tiny_config)
 
     def _inputs(self, params, embeds, positions, key):
         x = embeds + jnp.take(params["wpe"], positions, axis=0).astype(self.dtype)

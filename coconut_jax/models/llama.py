@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from coconut_jax.models.common import (EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, FunctionalModel, attention,
-                                       ones, param)
+from coconut_jax.models.common import (EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, FunctionalModel, HFNames,
+                                       TokenizerKind, attention, linear, ones, param)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
@@ -220,15 +220,55 @@ class Llama(nnx.Module):
             self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), (VOCAB, EMBED), cfg.initializer_range)
 
 
-def _project(p, x, spec: str):
-    y = jnp.einsum(spec, x, p["kernel"].astype(x.dtype))
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
+# Hugging Face's names of the Llama/Qwen tensors (Linear weights [out, in]: transposed, heads
+# split out of the flattened axis).
+HF_NAMES = HFNames(
+    prefix="model.",
+    top={"embed_tokens.weight": ("wte",), "norm.weight": ("ln_f", "scale")},
+    layer_prefix="layers",
+    layer={"input_layernorm.weight": (("attn_norm", "scale"), 0),
+           "self_attn.q_proj.weight": (("q", "kernel"), 1), "self_attn.q_proj.bias": (("q", "bias"), 0),
+           "self_attn.k_proj.weight": (("k", "kernel"), 1), "self_attn.k_proj.bias": (("k", "bias"), 0),
+           "self_attn.v_proj.weight": (("v", "kernel"), 1), "self_attn.v_proj.bias": (("v", "bias"), 0),
+           "self_attn.o_proj.weight": (("o", "kernel"), 2), "self_attn.o_proj.bias": (("o", "bias"), 0),
+           "self_attn.q_norm.weight": (("q_norm", "scale"), 0), "self_attn.k_norm.weight": (("k_norm", "scale"), 0),
+           "post_attention_layernorm.weight": (("mlp_norm", "scale"), 0),
+           "mlp.gate_proj.weight": (("gate", "kernel"), 1), "mlp.up_proj.weight": (("up", "kernel"), 1),
+           "mlp.down_proj.weight": (("down", "kernel"), 1)},
+    buffers=r"^layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+
+
+# The pre-tokenizer split patterns of Llama 3 and Qwen2 (digits in threes vs one by one).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = TokenizerKind(
+    specials=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), hf_class="Qwen2Tokenizer",
+    hf_kwargs={"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "bos_token": None, "unk_token": None},
+    split=_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"), nfc=True)
+TOKENIZERS = {
+    "llama": TokenizerKind(specials=("<|begin_of_text|>", "<|end_of_text|>"), hf_class="PreTrainedTokenizerFast",
+                           hf_kwargs={"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+                           split=_LLAMA3_SPLIT, bos="<|begin_of_text|>"),
+    "qwen2": _QWEN2, "qwen3": _QWEN2}
+
+
+def tiny_config(model_type: str, vocab_size: int, *, n_layer: int, n_embd: int, n_head: int, n_positions: int,
+                dropout: float = 0.0, n_kv_head: int = 0, tied: bool = True) -> LlamaConfig:
+    """A small Llama/Qwen (tiny.py) with `n_kv_head` key/value heads (0: half of n_head)."""
+    kv = n_kv_head or (n_head // 2 if n_head % 2 == 0 else n_head)
+    return LlamaConfig(model_type=model_type, vocab_size=vocab_size, hidden_size=n_embd, intermediate_size=4 * n_embd,
+                       num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=kv,
+                       head_dim=n_embd // n_head, max_position_embeddings=n_positions, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, rope_scaling=(), tie_word_embeddings=tied, attention_dropout=dropout)
 
 
 class LlamaModel(FunctionalModel):
     """Llama 3.x / Qwen2 / Qwen3 (one dropout key per layer: attention probabilities)."""
     module = Llama
     keys_per_layer = 1
+    hf_names = HF_NAMES
+    tokenizers = TOKENIZERS
+    tiny_config = staticmethod(tiny_config)
 
     def _inputs(self, params, embeds, positions, key):
         return embeds, rope_tables(self.config, positions, self.dtype)
@@ -238,17 +278,17 @@ class LlamaModel(FunctionalModel):
         eps = cfg.rms_norm_eps
         cos, sin = ctx
         h = rms_norm(p["attn_norm"], x, eps)
-        q, k, v = (_project(p[n], h, "bte,ehd->bthd") for n in ("q", "k", "v"))
+        q, k, v = (linear(p[n], h, "bte,ehd->bthd") for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q, k = rms_norm(p["q_norm"], q, eps), rms_norm(p["k_norm"], k, eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B,K,T,D], the cache layout
         attn = attention(q, k, v, self_allowed, past, fused=self.fused_attention,
                          dropout_rate=cfg.attention_dropout, key=keys[0])
-        x = x + _project(p["o"], attn, "bthd,hde->bte")
+        x = x + linear(p["o"], attn, "bthd,hde->bte")
         h = rms_norm(p["mlp_norm"], x, eps)
-        gate, up = _project(p["gate"], h, "bte,ef->btf"), _project(p["up"], h, "bte,ef->btf")
-        x = x + _project(p["down"], jax.nn.silu(gate) * up, "btf,fe->bte")
+        gate, up = linear(p["gate"], h, "bte,ef->btf"), linear(p["up"], h, "bte,ef->btf")
+        x = x + linear(p["down"], jax.nn.silu(gate) * up, "btf,fe->bte")
         return x, (k, v)
 
     def _final(self, params, x):
