@@ -117,21 +117,30 @@ class Evaluator:
         self.run, self.progress = run, progress
         self.rows, self.max_new = eval_rows_for(c), max_new_tokens_for(c)
 
-    def loss(self, stage: int) -> float:
-        run = self.run
+    def loss(self, stage: int) -> dict:
+        """{"eval/loss": the method's objective over the validation set, and "eval/<term>" for
+        each term of a several-term loss}: each term's sums over every batch, divided once."""
+        run, spec = self.run, self.run.cur.spec
         plan = run.plan(run.val_examples, stage, run.at.epoch, shuffle=False, static_shapes=True)
-        terms = [steps.eval_loss_terms(run.model, run.params, run.put(batch), method=run.cur.spec,
-                                       prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                       loss_chunk=run.c.loss_chunk)
-                 for batch in self.progress(plan.batches(), desc="val loss", total=len(plan))]
-        total, count = (float(x) for x in np.sum(jax.device_get(terms), axis=0)) if terms else (0.0, 0.0)
-        return total / max(count, 1.0)
+        batches = [steps.eval_loss_terms(run.model, run.params, run.put(batch), method=spec,
+                                         prefix_len=batch.prefix_len, n_latent=batch.n_latent,
+                                         loss_chunk=run.c.loss_chunk)
+                   for batch in self.progress(plan.batches(), desc="val loss", total=len(plan))]
+        batches = jax.device_get(batches)
+        out, total = {}, None
+        for term, w in spec.loss:
+            s, n = (float(x) for x in np.sum([b[term] for b in batches], axis=0)) if batches else (0.0, 0.0)
+            mean = s / max(n, 1.0)
+            weighted = mean if w == 1.0 else w * mean
+            total = weighted if total is None else total + weighted
+            out[f"eval/{term}"] = mean
+        return {"eval/loss": total, **(out if len(spec.loss) > 1 else {})}
 
     def __call__(self, stage: int, eval_loss: bool = True) -> dict:
         run, c, ctx = self.run, self.run.c, self.run.ctx
         out = {"step": run.at.step, "epoch": run.at.epoch + 1, "stage": stage}
         if eval_loss:
-            out["eval/loss"] = self.loss(stage)
+            out.update(self.loss(stage))
         one_process = jax.process_count() == 1
         preds = generate_predictions(
             run.model, run.params, run.val_examples, run.val_records, stage, run.cur, run.tokens, run.tok,

@@ -68,15 +68,16 @@ class LossLog:
     def flush(self, bar=None) -> None:
         if not self.pending:
             return
-        losses = jax.device_get([e["train/loss"] for e in self.pending])
+        losses = jax.device_get([e.pop("losses") for e in self.pending])
         t0, tokens = self.clock
         elapsed = max(time.time() - t0, 1e-9)
-        for e, loss in zip(self.pending, losses):
+        for e, step_losses in zip(self.pending, losses):
             tokens += e.pop("tokens")
-            self.sink.log({**e, "train/loss": float(loss), "train/tokens_per_s": tokens / elapsed})
+            self.sink.log({**e, **{f"train/{k}": float(v) for k, v in step_losses.items()},
+                           "train/tokens_per_s": tokens / elapsed})
         self.clock = (t0, tokens)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
+            bar.set_postfix(loss=f"{float(losses[-1]['loss']):.4f}")
         self.pending = []
 
 
@@ -105,11 +106,11 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
                     batch, arrays, n = next(batches)
                     tokens[0] += n
                     yield batch, arrays
-            loss = steps.train_step(run.state, micro_batches(), method=run.cur.spec, base_key=base, step=at.step,
-                                    loss_chunk=c.loss_chunk)
+            step_losses = steps.train_step(run.state, micro_batches(), method=run.cur.spec, base_key=base,
+                                           step=at.step, loss_chunk=c.loss_chunk)
             at.step += 1
             at.batch_in_epoch = micro(start).stop
-            losses.add({"step": at.step, "epoch": at.epoch + 1, "stage": stage, "train/loss": loss,
+            losses.add({"step": at.step, "epoch": at.epoch + 1, "stage": stage, "losses": step_losses,
                         "tokens": tokens[0]}, bar)
             stop = preemption.agreed()
             if stop or (c.checkpoint_every_steps and at.step % c.checkpoint_every_steps == 0

@@ -124,7 +124,8 @@ def build_run(ctx: RunContext) -> Run:
     config, params = rundir.load_weights(source, c.model_id, c.method, tok)
     model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
                          remat=c.remat, fused_attention=c.fused_attention)
-    state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype))
+    state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype),
+                             loss=cur.spec.loss)
     val_records, val_examples = data.load_dataset(
         c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
     train_examples = [] if c.only_eval else data.load_dataset(

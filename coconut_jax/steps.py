@@ -25,9 +25,11 @@ def make_optimizer(c):
 @functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"),
                    donate_argnums=(2,))
 def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent, loss_chunk=0):
-    """Adds one micro-batch's gradient of the summed token loss (and the sums) to `acc`.
+    """Adds one micro-batch's gradient of each summed loss term (and the sums and counts) to `acc`.
 
-    `method`: the run's `methods.Method`, whose `loss_terms` is the loss.
+    `method`: the run's `methods.Method`, whose `loss_terms` is the loss. Each term gets its
+    own gradient (the forward pass shared, one backward pass per term), since each is divided
+    by its own count over the whole step; a one-term loss is exactly `value_and_grad`.
 
     `key`: the dropout key, or (base key, step, micro-batch) from which it is derived inside
     the program (no per-step host dispatch for key arithmetic)."""
@@ -36,38 +38,56 @@ def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent,
         key = jax.random.fold_in(jax.random.fold_in(base, step), micro)
 
     def f(p):
-        return method.loss_terms(model, p, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
-                                 loss_chunk=loss_chunk)
-    (s, n), g = jax.value_and_grad(f, has_aux=True)(params)
-    return {"grads": jax.tree.map(jnp.add, acc["grads"], g), "loss": acc["loss"] + s, "count": acc["count"] + n}
+        terms = method.loss_terms(model, p, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
+                                  loss_chunk=loss_chunk)
+        return {t: s for t, (s, _) in terms.items()}, {t: n for t, (_, n) in terms.items()}
+    sums, pull, counts = jax.vjp(f, params, has_aux=True)
+    one = {t: {u: (jnp.ones_like if u == t else jnp.zeros_like)(v) for u, v in sums.items()} for t in sums}
+    return {"grads": {t: jax.tree.map(jnp.add, acc["grads"][t], pull(one[t])[0]) for t in sums},
+            "sums": {t: acc["sums"][t] + sums[t] for t in sums},
+            "counts": {t: acc["counts"][t] + counts[t] for t in sums}}
 
 
 def train_step(state: "TrainState", micro_batches, *, method, base_key, step: int, loss_chunk: int = 0):
     """One optimizer step: the micro-batches' gradients accumulated (token-weighted), then the
     update. `micro_batches` yields (batch, its arrays on the mesh); micro-batch k of step
     `step` draws its dropout from `base_key` folded with (step, k) inside the program. Returns
-    the step's mean token loss as a device scalar (read back when the caller wants it)."""
+    the step's losses as device scalars ("loss", and each term of a several-term loss), read
+    back when the caller wants them."""
     acc = state.take_accumulator()
     for k, (batch, arrays) in enumerate(micro_batches):
         acc = accumulate(state.model, state.params, acc, arrays, (base_key, np.int32(step), np.int32(k)),
                          method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk)
-    loss, acc = state.update(acc)
+    losses, acc = state.update(acc)
     state.keep_accumulator(acc)
-    return loss
+    return losses
 
 
-def mean_gradient(acc):
-    """(token-weighted mean gradient, mean token loss) of the accumulated micro-batches."""
-    count = jnp.maximum(acc["count"], 1.0)
-    # In the gradients' own dtype: an f32 quotient would turn bf16 Adam moments into f32.
-    return jax.tree.map(lambda g: (g / count).astype(g.dtype), acc["grads"]), acc["loss"] / count
+def _weighted(x, w: float):
+    return x if w == 1.0 else x * w  # a weight of 1 leaves the figures exactly as they were
 
 
-def apply_update(tx, params, opt_state, acc):
-    """One optimizer step on the token-weighted mean gradient of the accumulated micro-batches."""
-    grads, loss = mean_gradient(acc)
+def mean_gradient(acc, loss=(("lm", 1.0),)):
+    """(gradient, losses) of the accumulated micro-batches: each term's sum divided by its own
+    count (token-weighted for "lm"), weighted as the method's `loss` says and added up.
+    `losses` holds "loss", the objective, and each term's mean when there are several."""
+    grads, total, losses = None, None, {}
+    for term, w in loss:
+        count = jnp.maximum(acc["counts"][term], 1.0)
+        # In the gradients' own dtype: an f32 quotient would turn bf16 Adam moments into f32.
+        g = jax.tree.map(lambda x: _weighted(x / count, w).astype(x.dtype), acc["grads"][term])
+        mean = acc["sums"][term] / count
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        total = _weighted(mean, w) if total is None else total + _weighted(mean, w)
+        losses[term] = mean
+    return grads, {"loss": total, **(losses if len(loss) > 1 else {})}
+
+
+def apply_update(tx, params, opt_state, acc, loss=(("lm", 1.0),)):
+    """One optimizer step on the mean gradient of the accumulated micro-batches."""
+    grads, losses = mean_gradient(acc, loss)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, losses
 
 
 def zeros_like_acc(acc):
@@ -76,6 +96,7 @@ def zeros_like_acc(acc):
 
 @functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"))
 def eval_loss_terms(model, params, arrays, *, method, prefix_len, n_latent, loss_chunk=0):
+    """{term: (sum, count)} of a validation batch (no dropout)."""
     return method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk)
 
 
@@ -103,12 +124,14 @@ def like_params(tree_shapes, params, replicated):
 class TrainState:
     """Params + optimizer state on the mesh, and the jitted update functions of a run."""
 
-    def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32):
+    def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),)):
         """`params_host`: NumPy params (the same on every process), or None for zeros of the
         model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
         params (and so the optimizer's moments and the gradients) are stored; bf16 halves
-        their memory for models that do not fit in f32."""
+        their memory for models that do not fit in f32. `loss`: the method's named terms and
+        weights (`methods.Method.loss`), one gradient accumulator each."""
         self.model, self.mesh, self.tx = model, mesh, tx
+        terms = [t for t, _ in loss]
         shapes = model.param_shapes(param_dtype)
         self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), shapes)
         if params_host is None:
@@ -120,16 +143,19 @@ class TrainState:
         self.opt_sh = like_params(opt_shapes, self.params, NamedSharding(mesh, P()))
         self._init = jax.jit(tx.init, out_shardings=self.opt_sh)
         scalar = NamedSharding(mesh, P())
-        self.acc_sh = {"grads": self.param_sh, "loss": scalar, "count": scalar}
+        self.acc_sh = {"grads": {t: self.param_sh for t in terms}, "sums": {t: scalar for t in terms},
+                       "counts": {t: scalar for t in terms}}
 
         def update_and_clear(params, opt_state, acc):
             # The spent accumulator comes back zeroed in its own (donated) buffers: no
             # gradient-sized allocation per step.
-            return (*apply_update(tx, params, opt_state, acc), zeros_like_acc(acc))
+            return (*apply_update(tx, params, opt_state, acc, loss), zeros_like_acc(acc))
+        loss_sh = {k: scalar for k in ["loss"] + (terms if len(terms) > 1 else [])}
         self._update = jax.jit(update_and_clear, donate_argnums=(0, 1, 2),
-                               out_shardings=(self.param_sh, self.opt_sh, scalar, self.acc_sh))
-        self._zeros = jax.jit(lambda p: {"grads": jax.tree.map(jnp.zeros_like, p), "loss": jnp.float32(0),
-                                         "count": jnp.float32(0)}, out_shardings=self.acc_sh)
+                               out_shardings=(self.param_sh, self.opt_sh, loss_sh, self.acc_sh))
+        self._zeros = jax.jit(lambda p: {"grads": {t: jax.tree.map(jnp.zeros_like, p) for t in terms},
+                                         "sums": {t: jnp.float32(0) for t in terms},
+                                         "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=self.acc_sh)
         self.opt_state = self._init(self.params)
 
     def reset_optimizer(self) -> None:
@@ -148,10 +174,11 @@ class TrainState:
         self._acc = acc
 
     def update(self, acc):
-        """Applies the accumulated gradient; returns (the mean token loss as a device scalar,
-        the accumulator zeroed for the next step). `acc` is consumed."""
-        self.params, self.opt_state, loss, acc = self._update(self.params, self.opt_state, acc)
-        return loss, acc
+        """Applies the accumulated gradient; returns (the step's losses as device scalars: "loss",
+        and each term's mean when the loss has several; the accumulator zeroed for the next
+        step). `acc` is consumed."""
+        self.params, self.opt_state, losses, acc = self._update(self.params, self.opt_state, acc)
+        return losses, acc
 
     def abstract(self) -> dict:
         """Shapes, dtypes and shardings of the state, the target of a checkpoint restore."""

@@ -394,7 +394,7 @@ def step(mesh):
     state = steps.TrainState(model, params, mesh, opt)
     loss = steps.train_step(state, [(b, sharding.put_batch(mesh, b.arrays()))], method=methods.get("coconut"),
                             base_key=jax.random.key(0), step=0)
-    return state, float(loss), jax.tree.map(np.asarray, state.params)
+    return state, float(loss["loss"]), jax.tree.map(np.asarray, state.params)
 
 one = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
 _, loss1, params1 = step(one)
@@ -435,7 +435,7 @@ def test_bf16_params_train_and_keep_their_dtype():
     before = np.asarray(state.params["wte"], np.float32)
     loss = steps.train_step(state, [(b, sharding.put_batch(mesh, b.arrays()))], method=methods.get("coconut"),
                             base_key=jax.random.key(0), step=0)
-    assert np.isfinite(float(loss))
+    assert np.isfinite(float(loss["loss"]))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state[0].mu)} == {jnp.dtype(jnp.bfloat16)}
     assert np.abs(np.asarray(state.params["wte"], np.float32) - before).max() > 0

@@ -4,6 +4,7 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -74,7 +75,8 @@ def test_gradient_accumulation_equals_full_batch():
             b = batch(rows)
             acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
                                    n_latent=b.n_latent, method=methods.get("coconut"))
-        return steps.mean_gradient(acc)
+        grads, losses = steps.mean_gradient(acc)
+        return grads, losses["loss"]
 
     g_full, l_full = mean_grad([list(range(8))])
     g_acc, l_acc = mean_grad([[0, 1, 2], [3, 4, 5, 6, 7]])
@@ -83,8 +85,9 @@ def test_gradient_accumulation_equals_full_batch():
     b = batch(list(range(8)))
     acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
                            n_latent=b.n_latent, method=methods.get("coconut"))
-    loss, acc = state.update(acc)
-    assert abs(float(loss) - float(l_full)) <= 1e-6 * abs(float(l_full))
+    losses, acc = state.update(acc)
+    assert set(losses) == {"loss"}  # one term: no per-term figures
+    assert abs(float(losses["loss"]) - float(l_full)) <= 1e-6 * abs(float(l_full))
     assert all(float(np.abs(np.asarray(x)).max()) == 0.0 for x in jax.tree.leaves(acc))
     # The halves hold different numbers of labelled tokens: a per-micro-batch mean would differ.
     counts = [sum(t != data.IGNORE for t in batch(r).labels[:, 1:].ravel()) for r in ([0, 1, 2], [3, 4, 5, 6, 7])]
@@ -95,6 +98,58 @@ def test_gradient_accumulation_equals_full_batch():
         assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-8)
     # The scale matters: twice the gradient is not the gradient.
     assert max(np.abs(np.asarray(a)).max() for a in jax.tree.leaves(g_full)) > 1e-3
+
+
+class _TwoTerms(methods.Method):
+    """Coconut's loss twice, as two named terms: "lm" and "again" (its sum doubled, its count
+    the number of rows), weighted 1 and 0.5. The objective is known in closed form."""
+
+    def loss_terms(self, model, params, arrays, **kw):
+        s, n = methods.get("coconut").loss_terms(model, params, arrays, **kw)["lm"]
+        return {"lm": (s, n), "again": (2.0 * s, jnp.float32(arrays["input_ids"].shape[0]))}
+
+
+def test_a_loss_of_two_terms_divides_each_by_its_own_count_over_the_whole_step():
+    """Accumulated over two uneven micro-batches, each term is its step sum over its step count:
+    loss = lm + 0.5 * again, with lm = S/N (tokens) and again = 2S/R (rows), and the gradient is
+    that of the same expression. Each term is logged."""
+    import dataclasses
+    model = GPT2Model(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    params = model.init(0)
+    rng = np.random.default_rng(1)
+    seqs = []
+    for i in range(6):
+        ids = rng.integers(1, 37, size=4 + i).tolist() + [37, 39, 38] + rng.integers(1, 37, size=2 + i % 3).tolist()
+        seqs.append((ids, [data.IGNORE] * (ids.index(38) + 1) + ids[ids.index(38) + 1:]))
+    batch = lambda rows: data.collate([seqs[i] for i in rows], rows, latent_id=39, pad_id=0, batch_size=len(rows),
+                                      multiple=4)
+    two = _TwoTerms(**{f.name: getattr(methods.get("coconut"), f.name) for f in dataclasses.fields(methods.Method)})
+    two = dataclasses.replace(two, name="two_terms", loss=(("lm", 1.0), ("again", 0.5)))
+    mesh = sharding.make_mesh()
+    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()), loss=two.loss)
+    acc = state.new_accumulator()
+    for rows in ([0, 1], [2, 3, 4, 5]):
+        b = batch(rows)
+        acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
+                               n_latent=b.n_latent, method=two)
+    grads, losses = steps.mean_gradient(acc, two.loss)
+    # The closed form on the whole batch, with Coconut's one-term loss.
+    b = batch(list(range(6)))
+
+    def objective(p):
+        s, n = methods.get("coconut").loss_terms(model, p, b.arrays(), prefix_len=b.prefix_len,
+                                                 n_latent=b.n_latent)["lm"]
+        return s / n + 0.5 * (2.0 * s / 6.0), (s / n, 2.0 * s / 6.0)
+    (want, (lm, again)), want_grads = jax.value_and_grad(objective, has_aux=True)(params)
+    assert set(losses) == {"loss", "lm", "again"}
+    for k, v in (("loss", want), ("lm", lm), ("again", again)):
+        assert abs(float(losses[k]) - float(v)) <= 1e-5 * abs(float(v)), k
+    for a, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        a, w = np.asarray(a), np.asarray(w)
+        assert np.abs(a - w).max() <= 1e-5 * max(np.abs(w).max(), 1e-8)
+    # The update hands back every term's figures.
+    got, _ = state.update(acc)
+    assert set(got) == {"loss", "lm", "again"} and abs(float(got["loss"]) - float(want)) <= 1e-5 * float(want)
 
 
 def test_optimizer_state_is_sharded_like_the_params():

@@ -15,9 +15,13 @@ Adding a method
 3. Test it beside tests/test_methods.py: its sequences at each stage (tests/test_data.py shows
    the literal form), and a short run through the CLI.
 
-What a method cannot declare yet: loss terms beyond one (sum, count) pair, and parameters of
-its own beside the model's (an auxiliary module). Both come with the first method that needs
-them (step-level supervision of the thoughts, SIM-CoT).
+A method with a loss of several terms names them with their weights in `loss` and returns each
+from `loss_terms`; training accumulates a gradient per term (one backward pass each, the
+forward shared) so that every term is divided by its own count over the whole optimizer step.
+
+What a method cannot declare yet: parameters of its own beside the model's (an auxiliary
+module), and parameters that do not train. Both come with the first method that needs them
+(step-level supervision of the thoughts, SIM-CoT; LoRA).
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ class Method:
     staged: the stage advances every `epochs_per_stage` epochs; otherwise every epoch is stage 0.
     drops_every_step: every reasoning step is left out of every sequence (`no_cot`).
     needs_c_thought: `c_thought` must be at least 1.
+    loss: the loss's named terms and their weights. Each term is a (sum, count) pair summed over
+        an optimizer step's micro-batches (and, for evaluation, the validation set); the
+        objective is the weighted sum of sum/count, logged as `train/loss` (`eval/loss`), each
+        term as `train/<name>` when there are several. `loss_terms` returns them by name.
     """
     name: str
     summary: str
@@ -30,6 +34,7 @@ class Method:
     staged: bool = True
     drops_every_step: bool = False
     needs_c_thought: bool = False
+    loss: tuple[tuple[str, float], ...] = (("lm", 1.0),)
 
     def thoughts_per_step(self, c_thought: int) -> int:
         return c_thought if self.thoughts else 0
@@ -55,9 +60,10 @@ class Method:
         return []
 
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
-                   loss_chunk: int = 0):
-        """(summed token loss, token count) of a batch: the language-model loss over the
-        sequence's labels, with thoughts fed back when `feedback`. Callers divide once."""
+                   loss_chunk: int = 0) -> dict:
+        """{term: (sum, count)} of a batch, one entry per name of `loss`. Here the one term "lm":
+        the summed token loss over the sequence's labels and the token count, with thoughts fed
+        back when `feedback`. Callers divide once, after summing over micro-batches."""
         from coconut_jax import coconut
-        return coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=self.feedback,
-                                  dropout_key=dropout_key, loss_chunk=loss_chunk)
+        return {"lm": coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=self.feedback,
+                                         dropout_key=dropout_key, loss_chunk=loss_chunk)}
