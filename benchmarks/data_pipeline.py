@@ -98,7 +98,8 @@ def phase_cached(a) -> dict:
     resident = rss_gb() - base
     cur = data.Curriculum("coconut", c_thought=2, max_latent_stage=3, epochs_per_stage=3)
     t2 = time.perf_counter()
-    plan = data.EpochPlan(ts, cur, tokens, 1, seed=0, epoch=3, batch_size=128, multiple=32, max_len=1024)
+    plan = data.EpochPlan(ts, cur, tokens, 1, epoch=3,
+                          settings=data.PlanSettings(seed=0, batch_size=128, multiple=32, max_len=1024))
     t3 = time.perf_counter()
     times = []
     for k in range(40):

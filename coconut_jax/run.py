@@ -77,8 +77,8 @@ class Run:
 
     def plan(self, examples, stage: int, epoch: int, shuffle: bool = True, static_shapes: bool | None = None):
         """The batches of `examples` at `stage` in `epoch` (`data.EpochPlan`), this host's rows."""
-        return data.EpochPlan.of(examples, self.plan_settings, self.cur, self.tokens, stage, epoch, shuffle,
-                                 static_shapes)
+        return data.EpochPlan(examples, self.cur, self.tokens, stage, epoch, self.plan_settings, shuffle,
+                              static_shapes)
 
     def put(self, batch):
         """A batch's arrays on the mesh, sharded over the data-parallel devices."""

@@ -1,4 +1,5 @@
 """Data pipeline: tokenization, per-method sequences, batching, order, preparation scripts."""
+import dataclasses
 import json
 
 import numpy as np
@@ -132,9 +133,11 @@ def test_batch_without_latents_is_right_padded():
 
 def _plan(**kw):
     exs = [Example(i, (1,) * (1 + i % 5), ((2,),) * (i % 4), (3, 0)) for i in range(37)]
-    args = dict(examples=exs, cur=Curriculum(), tokens=TOK, stage=2, seed=0, epoch=1, batch_size=8, multiple=8)
-    args.update(kw)
-    return data.EpochPlan(**args)
+    args = dict(examples=exs, cur=Curriculum(), tokens=TOK, stage=2, epoch=1)
+    settings = dict(seed=0, batch_size=8, multiple=8)
+    for k, v in kw.items():
+        (settings if k in {f.name for f in dataclasses.fields(data.PlanSettings)} else args)[k] = v
+    return data.EpochPlan(**args, settings=data.PlanSettings(**settings))
 
 
 def test_same_seed_and_epoch_same_batches_and_resume_mid_epoch():
@@ -204,11 +207,11 @@ def test_static_shapes_give_one_shape_per_epoch():
 
 def _reference_batch(plan, k):
     """The obvious form of a plan's batch: each record's `training_sequence`, then `collate`."""
-    order = plan._order[k * plan.batch_size:(k + 1) * plan.batch_size]
-    stages = data.draw_stages(plan.ts.n_steps, plan.stage, plan.cur, plan.seed, plan.epoch)
+    order = plan._order[k * plan.settings.batch_size:(k + 1) * plan.settings.batch_size]
+    stages = data.draw_stages(plan.ts.n_steps, plan.stage, plan.cur, plan.settings.seed, plan.epoch)
     seqs = [training_sequence(plan.ts[i], int(stages[i]), plan.cur, TOK) for i in order]
-    return collate(seqs, order.tolist(), latent_id=L, pad_id=0, batch_size=plan.batch_size,
-                   multiple=plan.multiple, min_prefix=plan._min_prefix, min_width=plan._min_width)
+    return collate(seqs, order.tolist(), latent_id=L, pad_id=0, batch_size=plan.settings.batch_size,
+                   multiple=plan.settings.multiple, min_prefix=plan._min_prefix, min_width=plan._min_width)
 
 
 @pytest.mark.parametrize("method", methods.NAMES)
@@ -222,7 +225,8 @@ def test_plan_batches_equal_per_record_sequences(method, kw):
            for i in range(45)]
     cur = Curriculum(method, c_thought=kw.get("c_thought", 1), max_latent_stage=3, pad_latent_to_max=kw.get("pad", True),
                      uniform_prob=kw.get("uniform_prob", 0.0))
-    plan = data.EpochPlan(exs, cur, TOK, kw["stage"], seed=5, epoch=2, batch_size=8, multiple=4,
+    plan = data.EpochPlan(exs, cur, TOK, kw["stage"], epoch=2, settings=data.PlanSettings(seed=5, batch_size=8,
+                                                                                           multiple=4),
                           static_shapes=kw.get("static_shapes", False))
     for k in range(len(plan)):
         got, want = plan.batch(k), _reference_batch(plan, k)

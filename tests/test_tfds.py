@@ -69,7 +69,7 @@ def test_identical_batches_for_the_same_seed(packed, tiny_dir, tmp_path, monkeyp
     cur = data.Curriculum("coconut", 1, 2, 1)
     tokens = latent_vocab.latent_tokens(tok)
     for stage, epoch in ((0, 0), (2, 3)):
-        plans = [data.EpochPlan(ts, cur, tokens, stage, 7, epoch, 8) for ts in (from_json, from_tfds)]
+        plans = [data.EpochPlan(ts, cur, tokens, stage, epoch, data.PlanSettings(seed=7, batch_size=8)) for ts in (from_json, from_tfds)]
         for a, b in zip(plans[0].batches(), plans[1].batches()):
             assert all(np.array_equal(x, y) for x, y in zip(a.arrays().values(), b.arrays().values()))
 

@@ -108,55 +108,43 @@ class EpochPlan:
 
     Every record's sequence at its drawn stage is described by a few integers (question
     slice, latent count, tail slice) computed for all records at once with NumPy; tokens
-    are copied from the flat arrays only when a batch is built. `host`/`num_hosts` select
-    the rows this process feeds: the layout (static shapes) is that of the global batch,
-    but only this host's contiguous share of rows is filled.
+    are copied from the flat arrays only when a batch is built. `settings.host`/`num_hosts`
+    select the rows this process feeds: the layout (static shapes) is that of the global
+    batch, but only this host's contiguous share of rows is filled.
     """
     examples: TokenizedSet | Sequence[Example]
     cur: Curriculum
     tokens: object
     stage: int
-    seed: int
     epoch: int
-    batch_size: int
-    multiple: int = 32
-    max_len: int | None = None
-    overlong: str = "error"
+    settings: PlanSettings
     shuffle: bool = True
-    static_shapes: bool = False  # every batch of the epoch padded to the same shape
-    host: int = 0
-    num_hosts: int = 1
+    static_shapes: bool | None = None  # every batch padded to one shape; None: as `settings` say
 
     def __post_init__(self):
-        if self.batch_size % self.num_hosts:
-            raise ValueError(f"global batch {self.batch_size} is not divisible by {self.num_hosts} hosts")
+        s = self.settings
+        if s.batch_size % s.num_hosts:
+            raise ValueError(f"global batch {s.batch_size} is not divisible by {s.num_hosts} hosts")
         ts = self.ts = TokenizedSet.from_examples(self.examples)
-        stages = draw_stages(ts.n_steps, self.stage, self.cur, self.seed, self.epoch)
+        stages = draw_stages(ts.n_steps, self.stage, self.cur, s.seed, self.epoch)
         self.seqs = Sequences.at(ts, stages, self.cur, self.tokens)
         self._n_latent, self._lengths, self._firsts = self.seqs.n_latent, self.seqs.lengths, self.seqs.firsts
         keep = np.ones(len(ts), bool)
-        if self.max_len is not None:
-            keep = check_lengths(self._lengths, np.arange(len(ts)), self.max_len, self.overlong,
+        if s.max_len is not None:
+            keep = check_lengths(self._lengths, np.arange(len(ts)), s.max_len, s.overlong,
                                  f"training sequences at stage {self.stage}")
-        order = epoch_order(len(ts), self.seed, self.epoch) if self.shuffle else np.arange(len(ts))
+        order = epoch_order(len(ts), s.seed, self.epoch) if self.shuffle else np.arange(len(ts))
         self._order = order[keep[order]]
         self._min_prefix = self._min_width = 0
-        if self.static_shapes and len(self._order):
+        static = s.static_shapes if self.static_shapes is None else self.static_shapes
+        if static and len(self._order):
             firsts, lengths = self._firsts[self._order], self._lengths[self._order]
             self._min_prefix = int(firsts.max(initial=0))
-            self._min_width = int((lengths + np.where(firsts >= 0, round_up(self._min_prefix, self.multiple) - firsts,
+            self._min_width = int((lengths + np.where(firsts >= 0, round_up(self._min_prefix, s.multiple) - firsts,
                                                       0)).max())
 
-    @classmethod
-    def of(cls, examples, settings: PlanSettings, cur: Curriculum, tokens, stage: int, epoch: int,
-           shuffle: bool = True, static_shapes: bool | None = None) -> "EpochPlan":
-        """The plan of `epoch` at `stage` under a run's `settings` (`static_shapes` overrides theirs)."""
-        static = settings.static_shapes if static_shapes is None else static_shapes
-        return cls(examples, cur, tokens, stage, settings.seed, epoch, settings.batch_size, settings.multiple,
-                   settings.max_len, settings.overlong, shuffle, static, settings.host, settings.num_hosts)
-
     def __len__(self) -> int:
-        return -(-len(self._order) // self.batch_size)
+        return -(-len(self._order) // self.settings.batch_size)
 
     @property
     def num_sequences(self) -> int:
@@ -167,11 +155,12 @@ class EpochPlan:
         return self.seqs[i]
 
     def batch(self, k: int) -> Batch:
-        batch_rows = self._order[k * self.batch_size:(k + 1) * self.batch_size]
-        prefix, lefts, width = _layout(self._lengths[batch_rows], self._firsts[batch_rows], self.multiple,
+        s = self.settings
+        batch_rows = self._order[k * s.batch_size:(k + 1) * s.batch_size]
+        prefix, lefts, width = _layout(self._lengths[batch_rows], self._firsts[batch_rows], s.multiple,
                                        self._min_prefix, self._min_width)
-        share = self.batch_size // self.num_hosts
-        mine = slice(self.host * share, (self.host + 1) * share)
+        share = s.batch_size // s.num_hosts
+        mine = slice(s.host * share, (s.host + 1) * share)
         rows, lefts = batch_rows[mine], lefts[mine]
         input_ids, attention, positions, labels = _empty_batch(share, width, self.tokens.pad)
         for r, (i, left) in enumerate(zip(rows.tolist(), lefts.tolist())):
