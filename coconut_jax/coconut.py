@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from coconut_jax.data import IGNORE
+from coconut_jax.labels import IGNORE
 from coconut_jax.models.common import FunctionalModel
 
 

@@ -9,10 +9,10 @@ from typing import Sequence
 import numpy as np
 
 from coconut_jax import methods
+from coconut_jax.labels import IGNORE
 from coconut_jax.data.records import DataError
 from coconut_jax.data.tokens import Example, TokenizedSet
 
-IGNORE = -100
 OVERLONG_POLICIES = ("error", "skip")
 
 
