@@ -75,9 +75,13 @@ DAMAGE = {
     "sharding file": lambda step: _overwrite(f"{step}/state/_sharding", random.Random(0).randbytes(100)),
     "array metadata": lambda step: _overwrite(f"{step}/state/_METADATA", random.Random(1).randbytes(100)),
     "array index": lambda step: _overwrite(f"{step}/state/manifest.ocdbt", random.Random(2).randbytes(100)),
-    # An interrupted copy: no commit markers, half of the data files missing.
-    "truncated": lambda step: [os.remove(p) for p in sorted(glob.glob(f"{step}/**/commit_success.txt", recursive=True))
-                               + sorted(glob.glob(f"{step}/state/ocdbt.process_0/d/*"))[::2]],
+    # An interrupted copy: no commit markers, every data file cut to half its bytes. (Cutting
+    # only some files is not certain damage: the data files are named at random and some hold
+    # nothing the restore reads.)
+    "truncated": lambda step: (
+        [os.remove(p) for p in glob.glob(f"{step}/**/commit_success.txt", recursive=True)],
+        [_overwrite(p, open(p, "rb").read()[: os.path.getsize(p) // 2])
+         for p in glob.glob(f"{step}/state/**/d/*", recursive=True)]),
 }
 
 
