@@ -149,13 +149,13 @@ class Checkpoints:
         except OSError as e:
             raise self._write_error(step, e) from e
 
-    def save(self, step: int, params, opt_state, meta: dict, *, end_of_epoch: bool = False,
+    def save(self, step: int, state: dict, meta: dict, *, end_of_epoch: bool = False,
              best_acc: float | None = None) -> None:
-        """Starts writing `step`; once written, an end of epoch drops older mid-epoch steps and
-        `best_acc` (when given) names this step in best.json."""
+        """Starts writing `step` (`state`: a `TrainState.checkpoint_tree()`, {"params",
+        "opt_state"} and the method's "parts" if any); once written, an end of epoch drops
+        older mid-epoch steps and `best_acc` (when given) names this step in best.json."""
         self.wait()
         self._check_writable(step)
-        state = {"params": params, "opt_state": opt_state}
         meta = {**meta, "end_of_epoch": end_of_epoch, "fingerprint": fingerprint(state)}
         try:
             self.manager.save(step, args=ocp.args.Composite(
@@ -368,13 +368,20 @@ def param_shapes(ckpt_dir: str, step: int) -> dict:
     return jax.tree.map(lambda m: tuple(m.shape), tree, is_leaf=lambda m: hasattr(m, "shape"))
 
 
-def load_params(ckpt_dir: str, step: int) -> dict:
-    """The params of a step as host float32 NumPy arrays at their stored shapes (no optimizer
-    state), verified against their checksums."""
+def stored_items(ckpt_dir: str, step: int) -> set[str]:
+    """The top-level items of a step's state ("params", "opt_state", and "parts" when the
+    run's method added modules of its own), from the metadata alone."""
+    return set(_stored_tree(ckpt_dir, step))
+
+
+def load_params(ckpt_dir: str, step: int, item: str = "params") -> dict:
+    """The model's params of a step (or, with item="parts", the method's parts: {name:
+    params}) as host float32 NumPy arrays at their stored shapes, no optimizer state, verified
+    against their checksums."""
     where = os.path.join(ckpt_dir, str(step))
-    tree = _stored_tree(ckpt_dir, step)["params"]
-    target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree,
-                                     is_leaf=lambda m: hasattr(m, "shape"))}
+    tree = _stored_tree(ckpt_dir, step)[item]
+    target = {item: jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree,
+                                 is_leaf=lambda m: hasattr(m, "shape"))}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
     try:
         out = _reader(ckpt_dir).restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -382,6 +389,6 @@ def load_params(ckpt_dir: str, step: int) -> dict:
         stored = read_meta(ckpt_dir, step).get("fingerprint")
     except Exception as e:
         raise DamagedCheckpoint(where, cause(e)) from e
-    params = out["state"]["params"]
-    check_fingerprint(host_fingerprint({"params": params}), stored, where, prefix="params/")
+    params = out["state"][item]
+    check_fingerprint(host_fingerprint({item: params}), stored, where, prefix=f"{item}/")
     return jax.tree.map(lambda x: np.asarray(x, np.float32), params)

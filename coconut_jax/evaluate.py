@@ -124,7 +124,8 @@ class Evaluator:
         plan = run.plan(run.val_examples, stage, run.at.epoch, shuffle=False, static_shapes=True)
         batches = [steps.eval_loss_terms(run.model, run.params, run.put(batch), method=spec,
                                          prefix_len=batch.prefix_len, n_latent=batch.n_latent,
-                                         loss_chunk=run.c.loss_chunk)
+                                         loss_chunk=run.c.loss_chunk, parts=run.state.parts,
+                                         part_models=run.state.part_models)
                    for batch in self.progress(plan.batches(), desc="val loss", total=len(plan))]
         batches = jax.device_get(batches)
         out, total = {}, None

@@ -122,10 +122,15 @@ def build_run(ctx: RunContext) -> Run:
     own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
     config, params = rundir.load_weights(source, c.model_id, c.method, tok)
-    model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
-                         remat=c.remat, fused_attention=c.fused_attention)
+
+    def build(config):
+        return models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
+                            remat=c.remat, fused_attention=c.fused_attention)
+    model = build(config)
+    parts = {name: (build(part_config), part_params)
+             for name, (part_config, part_params) in rundir.load_part_weights(source, c.method, c.model_id).items()}
     state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype),
-                             loss=cur.spec.loss)
+                             loss=cur.spec.loss, parts=parts, trains=cur.spec.trains)
     val_records, val_examples = data.load_dataset(
         c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
     train_examples = [] if c.only_eval else data.load_dataset(
@@ -164,5 +169,5 @@ def save(run: Run, end_of_epoch: bool, eval_acc: float | None = None, best: bool
     meta = {"step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
             "stage": run.cur.stage(at.epoch), "metrics_count": ctx.sink.count, "best_acc": at.best_acc,
             "eval_acc": eval_acc, "method": run.c.method}
-    ctx.ckpt.save(at.step, run.state.params, run.state.opt_state, meta, end_of_epoch=end_of_epoch,
+    ctx.ckpt.save(at.step, run.state.checkpoint_tree(), meta, end_of_epoch=end_of_epoch,
                   best_acc=eval_acc if best else None)

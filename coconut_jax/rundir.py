@@ -13,6 +13,9 @@ The rules, in the order they apply (SPEC §7 and the reference's `run.py`):
    Face directory, or a reference PyTorch file. They load first, at their own shapes; then
    the vocabulary grows and the latent rows are copied from `<<` when the method needs them.
    A Coconut checkpoint cannot start a method without latent tokens (as in the reference).
+4. **A method's parts** (modules it adds beside the model, `methods.Part`) resume with the
+   run; on a hand-off they come from the checkpoint of ours when it holds them, else from
+   their source (`model_id`'s pretrained weights, at its own vocabulary).
 """
 from __future__ import annotations
 
@@ -218,3 +221,31 @@ def load_weights(source: Source, model_id: str, method: str, tok):
         config, params = latent_vocab.add_latent_rows(config, params, tok)
     return config, params
 
+
+
+def load_part_weights(source: Source, method: str, model_id: str) -> dict:
+    """{name: (model config, host params or None)} of the method's parts (rule 4); params are
+    None for a resume, which restores them from the run's own checkpoint."""
+    from coconut_jax import hf
+    parts = methods.get(method).parts
+    if not parts:
+        return {}
+    stored = {}
+    if source.kind == "ours" and "parts" in checkpoint.stored_items(source.path, source.step):
+        try:
+            stored = checkpoint.load_params(source.path, source.step, item="parts")
+        except checkpoint.DamagedCheckpoint as e:
+            raise RunDirError(f"load_model_path={source.describe()}: damaged checkpoint ({e.why})") from e
+    out = {}
+    for part in parts:
+        if part.source != "pretrained":
+            raise ValueError(f"method {method!r}: part {part.name!r} has unknown source {part.source!r}")
+        if source.kind == "resume":
+            out[part.name] = (hf.load_config(hf.resolve_model_dir(model_id)), None)
+        elif part.name in stored:
+            config = hf.load_config(hf.resolve_model_dir(model_id))
+            out[part.name] = (dataclasses.replace(config, vocab_size=stored[part.name]["wte"].shape[0]),
+                              stored[part.name])
+        else:
+            out[part.name] = hf.load_pretrained(model_id)
+    return out

@@ -15,18 +15,27 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from coconut_jax import sharding
+from coconut_jax import sharding, trainable
 
 
 def make_optimizer(c):
     return optax.adamw(c.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"),
+def _part_args(part_models, parts) -> dict:
+    """{name: (model, params)}, what a method's `loss_terms` receives as `parts`."""
+    return {name: (m, parts[name]) for name, m in part_models}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk", "part_models"),
                    donate_argnums=(2,))
-def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent, loss_chunk=0):
+def accumulate(model, trained, acc, arrays, key, *, method, prefix_len, n_latent, loss_chunk=0, frozen=None,
+               part_models=()):
     """Adds one micro-batch's gradient of each summed loss term (and the sums and counts) to `acc`.
 
+    `trained`: the optimizer's tree (`trainable`: the model's params when everything trains and
+    the method adds no part); `frozen`: the model's params that do not train (None: none);
+    `part_models`: ((name, model), ...) of the method's parts, whose params are in `trained`.
     `method`: the run's `methods.Method`, whose `loss_terms` is the loss. Each term gets its
     own gradient (the forward pass shared, one backward pass per term), since each is divided
     by its own count over the whole step; a one-term loss is exactly `value_and_grad`.
@@ -37,11 +46,12 @@ def accumulate(model, params, acc, arrays, key, *, method, prefix_len, n_latent,
         base, step, micro = key
         key = jax.random.fold_in(jax.random.fold_in(base, step), micro)
 
-    def f(p):
-        terms = method.loss_terms(model, p, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
-                                  loss_chunk=loss_chunk)
+    def f(t):
+        params, parts = trainable.unpack(t, frozen, bool(part_models))
+        terms = method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
+                                  loss_chunk=loss_chunk, parts=_part_args(part_models, parts))
         return {t: s for t, (s, _) in terms.items()}, {t: n for t, (_, n) in terms.items()}
-    sums, pull, counts = jax.vjp(f, params, has_aux=True)
+    sums, pull, counts = jax.vjp(f, trained, has_aux=True)
     one = {t: {u: (jnp.ones_like if u == t else jnp.zeros_like)(v) for u, v in sums.items()} for t in sums}
     return {"grads": {t: jax.tree.map(jnp.add, acc["grads"][t], pull(one[t])[0]) for t in sums},
             "sums": {t: acc["sums"][t] + sums[t] for t in sums},
@@ -56,8 +66,9 @@ def train_step(state: "TrainState", micro_batches, *, method, base_key, step: in
     back when the caller wants them."""
     acc = state.take_accumulator()
     for k, (batch, arrays) in enumerate(micro_batches):
-        acc = accumulate(state.model, state.params, acc, arrays, (base_key, np.int32(step), np.int32(k)),
-                         method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk)
+        acc = accumulate(state.model, state.trained, acc, arrays, (base_key, np.int32(step), np.int32(k)),
+                         method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk,
+                         frozen=state.frozen, part_models=state.part_models)
     losses, acc = state.update(acc)
     state.keep_accumulator(acc)
     return losses
@@ -94,14 +105,12 @@ def zeros_like_acc(acc):
     return jax.tree.map(jnp.zeros_like, acc)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk"))
-def eval_loss_terms(model, params, arrays, *, method, prefix_len, n_latent, loss_chunk=0):
-    """{term: (sum, count)} of a validation batch (no dropout)."""
-    return method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk)
-
-
-def _names(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+@functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk", "part_models"))
+def eval_loss_terms(model, params, arrays, *, method, prefix_len, n_latent, loss_chunk=0, parts=None, part_models=()):
+    """{term: (sum, count)} of a validation batch (no dropout); `parts`: {name: params} of the
+    method's parts, `part_models` as for `accumulate`."""
+    return method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk,
+                             parts=_part_args(part_models, parts or {}))
 
 
 def like_params(tree_shapes, params, replicated):
@@ -109,10 +118,10 @@ def like_params(tree_shapes, params, replicated):
 
     A leaf whose path ends with a parameter's path and has its shape takes that parameter's
     sharding; anything else (step counts) is replicated."""
-    by_path = {_names(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    by_path = {trainable.names(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
     def pick(path, leaf):
-        names = _names(path)
+        names = trainable.names(path)
         for i in range(len(names)):
             x = by_path.get(names[i:])
             if x is not None and x.shape == leaf.shape:
@@ -122,47 +131,75 @@ def like_params(tree_shapes, params, replicated):
 
 
 class TrainState:
-    """Params + optimizer state on the mesh, and the jitted update functions of a run."""
+    """Params + optimizer state on the mesh, and the jitted update functions of a run.
 
-    def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),)):
+    The optimizer updates the *trained* tree (`trainable`): the model's trained params, and
+    the params of the method's parts when it has any; the model's frozen params are held
+    beside it. `params` is the model's whole params (what evaluation, generation and export
+    read), `parts` the parts' ({name: params})."""
+
+    def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),), *,
+                 parts: dict | None = None, trains=None):
         """`params_host`: NumPy params (the same on every process), or None for zeros of the
         model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
         params (and so the optimizer's moments and the gradients) are stored; bf16 halves
         their memory for models that do not fit in f32. `loss`: the method's named terms and
-        weights (`methods.Method.loss`), one gradient accumulator each."""
-        self.model, self.mesh, self.tx = model, mesh, tx
+        weights (`methods.Method.loss`), one gradient accumulator each. `parts`: {name: (its
+        model, its host params or None)} of the method's parts. `trains`: which of the
+        model's params train (`methods.Method.trains`; None: all)."""
+        self.model, self.mesh, self.tx, self.trains = model, mesh, tx, trains
+        parts = parts or {}
+        self.part_models = tuple((name, m) for name, (m, _) in sorted(parts.items()))
         terms = [t for t, _ in loss]
-        shapes = model.param_shapes(param_dtype)
-        self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), shapes)
-        if params_host is None:
-            self.params = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                                  out_shardings=self.param_sh)()
-        else:
-            self.params = sharding.put_params(params_host, self.param_sh, param_dtype)
-        opt_shapes = jax.eval_shape(tx.init, self.params)
-        self.opt_sh = like_params(opt_shapes, self.params, NamedSharding(mesh, P()))
+        self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(param_dtype))
+        self.part_sh = {name: sharding.param_shardings(mesh, m.logical_axes(), m.param_shapes(param_dtype))
+                        for name, m in self.part_models}
+        params = self._place(model, params_host, self.param_sh, param_dtype)
+        part_params = {name: self._place(m, parts[name][1], self.part_sh[name], param_dtype)
+                       for name, m in self.part_models}
+        model_trained, self.frozen = trainable.split(params, trains)
+        self.trained = trainable.pack(model_trained, part_params)
+        trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0], self.part_sh)
+        opt_shapes = jax.eval_shape(tx.init, self.trained)
+        self.opt_sh = like_params(opt_shapes, self.trained, NamedSharding(mesh, P()))
         self._init = jax.jit(tx.init, out_shardings=self.opt_sh)
         scalar = NamedSharding(mesh, P())
-        self.acc_sh = {"grads": {t: self.param_sh for t in terms}, "sums": {t: scalar for t in terms},
+        self.acc_sh = {"grads": {t: trained_sh for t in terms}, "sums": {t: scalar for t in terms},
                        "counts": {t: scalar for t in terms}}
 
-        def update_and_clear(params, opt_state, acc):
+        def update_and_clear(trained, opt_state, acc):
             # The spent accumulator comes back zeroed in its own (donated) buffers: no
             # gradient-sized allocation per step.
-            return (*apply_update(tx, params, opt_state, acc, loss), zeros_like_acc(acc))
+            return (*apply_update(tx, trained, opt_state, acc, loss), zeros_like_acc(acc))
         loss_sh = {k: scalar for k in ["loss"] + (terms if len(terms) > 1 else [])}
         self._update = jax.jit(update_and_clear, donate_argnums=(0, 1, 2),
-                               out_shardings=(self.param_sh, self.opt_sh, loss_sh, self.acc_sh))
+                               out_shardings=(trained_sh, self.opt_sh, loss_sh, self.acc_sh))
         self._zeros = jax.jit(lambda p: {"grads": {t: jax.tree.map(jnp.zeros_like, p) for t in terms},
                                          "sums": {t: jnp.float32(0) for t in terms},
                                          "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=self.acc_sh)
-        self.opt_state = self._init(self.params)
+        self.opt_state = self._init(self.trained)
+
+    @staticmethod
+    def _place(model, host, shardings, dtype):
+        if host is None:
+            shapes = model.param_shapes(dtype)
+            return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
+                           out_shardings=shardings)()
+        return sharding.put_params(host, shardings, dtype)
+
+    @property
+    def params(self) -> dict:
+        return trainable.unpack(self.trained, self.frozen, bool(self.part_models))[0]
+
+    @property
+    def parts(self) -> dict:
+        return trainable.unpack(self.trained, self.frozen, bool(self.part_models))[1]
 
     def reset_optimizer(self) -> None:
-        self.opt_state = self._init(self.params)
+        self.opt_state = self._init(self.trained)
 
     def new_accumulator(self):
-        return self._zeros(self.params)
+        return self._zeros(self.trained)
 
     def take_accumulator(self):
         """The zeroed accumulator the last update handed back (a new one the first time): no
@@ -177,13 +214,22 @@ class TrainState:
         """Applies the accumulated gradient; returns (the step's losses as device scalars: "loss",
         and each term's mean when the loss has several; the accumulator zeroed for the next
         step). `acc` is consumed."""
-        self.params, self.opt_state, losses, acc = self._update(self.params, self.opt_state, acc)
+        self.trained, self.opt_state, losses, acc = self._update(self.trained, self.opt_state, acc)
         return losses, acc
 
+    def checkpoint_tree(self) -> dict:
+        """What a checkpoint holds: the model's whole params, the optimizer state and, when the
+        method has parts, their params (`parts/<name>`)."""
+        tree = {"params": self.params, "opt_state": self.opt_state}
+        return {**tree, "parts": self.parts} if self.part_models else tree
+
     def abstract(self) -> dict:
-        """Shapes, dtypes and shardings of the state, the target of a checkpoint restore."""
+        """Shapes, dtypes and shardings of `checkpoint_tree`, the target of a checkpoint restore."""
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            {"params": self.params, "opt_state": self.opt_state})
+                            self.checkpoint_tree())
 
     def load(self, state: dict) -> None:
-        self.params, self.opt_state = state["params"], state["opt_state"]
+        """Takes a restored `checkpoint_tree`."""
+        model_trained, self.frozen = trainable.split(state["params"], self.trains)
+        self.trained = trainable.pack(model_trained, state.get("parts") or {})
+        self.opt_state = state["opt_state"]

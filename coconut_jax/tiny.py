@@ -15,7 +15,6 @@ import dataclasses
 from typing import Iterable
 
 from coconut_jax import hf, latent_vocab, models
-from coconut_jax.demo import induction
 from coconut_jax.models.gpt2 import GPT2Config
 
 FAMILIES = tuple(models.FAMILIES)
@@ -64,24 +63,23 @@ def model_config(family: str, vocab_size: int, *, n_layer: int, n_embd: int, n_h
 
 
 def build(texts: Iterable[str], out_dir: str, *, vocab_size: int = 1024, n_layer: int = 2, n_embd: int = 128,
-          n_head: int = 4, n_positions: int = 512, dropout: float = 0.0, seed: int = 0, induction_heads: bool = False,
+          n_head: int = 4, n_positions: int = 512, dropout: float = 0.0, seed: int = 0, wire=None,
           family: str = "gpt2", tied: bool = True, overwrite: bool = False) -> str:
     """Trains a tokenizer on `texts`, initialises a random model of `family` and saves both in
     HF format.
 
-    `induction_heads` starts a GPT-2 with a fact-lookup circuit (`coconut_jax.demo.induction`);
+    `wire(config, params, seed) -> params` rewrites the fresh weights before they are saved
+    (the demo's fact-lookup circuit: `coconut_jax.demo.induction.wire_induction_heads`);
     `tied=False` gives a Llama/Qwen model its own output head.
     """
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} is not one of {', '.join(FAMILIES)}")
-    if induction_heads and family != "gpt2":
-        raise ValueError(f"induction_heads wires GPT-2 weights; family={family!r} has none to wire")
     tok = train_tokenizer(texts, vocab_size, family)
     config = model_config(family, len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions,
                           dropout=dropout, tied=tied)
     params = models.build(config).init(seed)
-    if induction_heads:
-        params = induction.wire_induction_heads(config, params, seed=seed)
+    if wire is not None:
+        params = wire(config, params, seed=seed)
     return hf.export_hf(config, params, out_dir, tokenizer=tok, overwrite=overwrite)
 
 
@@ -106,9 +104,12 @@ def main(argv=None):
     p.add_argument("--induction_heads", action="store_true", help="start with a fact-lookup circuit (coconut_jax.demo.induction)")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    wire = None
+    if a.induction_heads:
+        from coconut_jax.demo.induction import wire_induction_heads as wire  # the command composes the demo's circuit
     out = build(record_texts(load_records(a.data)), a.out, vocab_size=a.vocab_size, n_layer=a.n_layer,
                 n_embd=a.n_embd, n_head=a.n_head, n_positions=a.n_positions, dropout=a.dropout,
-                seed=a.seed, induction_heads=a.induction_heads, family=a.family, overwrite=a.overwrite)
+                seed=a.seed, wire=wire, family=a.family, overwrite=a.overwrite)
     print(f"wrote {out}")
 
 

@@ -40,7 +40,7 @@ def saved(state, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("saved") / "checkpoints")
     ck = checkpoint.Checkpoints(d)
     for step, acc in ((4, 0.5), (8, 0.7)):
-        ck.save(step, state.params, state.opt_state, {"step": step, "method": "coconut", "eval_acc": acc},
+        ck.save(step, state.checkpoint_tree(), {"step": step, "method": "coconut", "eval_acc": acc},
                 end_of_epoch=True, best_acc=acc)
     ck.close()
     return d
@@ -198,7 +198,7 @@ def test_a_save_that_raises_is_one_line_and_leaves_the_steps_before(saved, state
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(ck.manager, "save", no_space)
     with pytest.raises(files.WriteError, match=r"checkpoints/12: checkpoint not written \(OSError: No space left on device\)"):
-        ck.save(12, state.params, state.opt_state, {"step": 12}, end_of_epoch=True, best_acc=0.9)
+        ck.save(12, state.checkpoint_tree(), {"step": 12}, end_of_epoch=True, best_acc=0.9)
     assert checkpoint.steps(d) == [4, 8] and open(os.path.join(d, "best.json")).read() == best
 
 
@@ -208,7 +208,7 @@ def test_a_background_write_that_fails_names_its_step_and_runs_nothing_after_it(
     d = _copy(saved, tmp_path)
     best = open(os.path.join(d, "best.json")).read()
     ck = checkpoint.Checkpoints(d)
-    ck.save(12, state.params, state.opt_state, {"step": 12}, end_of_epoch=True, best_acc=0.9)
+    ck.save(12, state.checkpoint_tree(), {"step": 12}, end_of_epoch=True, best_acc=0.9)
 
     def removed(*a, **k):
         raise FileNotFoundError(2, "No such file or directory")

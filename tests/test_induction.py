@@ -38,7 +38,7 @@ def test_wired_model_learns_the_lookup_in_a_few_hundred_steps():
 def test_wired_model_round_trips_through_hf(tmp_path):
     texts = ["Alex is a wumpus. Every wumpus is a yumpus. Is Alex a yumpus or zumpus?\n### Alex is a yumpus."] * 50
     out = tiny.build(texts, str(tmp_path / "m"), vocab_size=300, n_layer=2, n_embd=64, n_head=4,
-                     n_positions=64, seed=3, induction_heads=True)
+                     n_positions=64, seed=3, wire=induction.wire_induction_heads)
     config, params = hf.load_pretrained(out)
     expect = induction.wire_induction_heads(config, GPT2Model(config).init(3), seed=3)
     np.testing.assert_allclose(np.asarray(params["h"]["1"]["c_attn"]["kernel"]),

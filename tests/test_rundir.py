@@ -63,8 +63,8 @@ def test_async_save_names_the_best_step_only_once_it_is_written(tmp_path, tiny_d
     state = steps.TrainState(GPT2Model(config), params, sharding.make_mesh(),
                              steps.make_optimizer(config_lib.base_config()))
     ck = checkpoint.Checkpoints(str(tmp_path / "checkpoints"))
-    ck.save(3, state.params, state.opt_state, {"step": 3}, end_of_epoch=False)
-    ck.save(5, state.params, state.opt_state, {"step": 5}, end_of_epoch=True, best_acc=0.5)
+    ck.save(3, state.checkpoint_tree(), {"step": 3}, end_of_epoch=False)
+    ck.save(5, state.checkpoint_tree(), {"step": 5}, end_of_epoch=True, best_acc=0.5)
     ck.close()
     assert checkpoint.steps(ck.dir) == [5] and checkpoint.best_named(ck.dir) == 5
     assert checkpoint.read_meta(ck.dir, 5)["end_of_epoch"] is True
@@ -76,7 +76,7 @@ def _save(ckpt_dir, model, params, step, method, best=None):
     mesh = sharding.make_mesh()
     state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()))
     ck = checkpoint.Checkpoints(ckpt_dir)
-    ck.save(step, state.params, state.opt_state, {"step": step, "method": method, "end_of_epoch": True})
+    ck.save(step, state.checkpoint_tree(), {"step": step, "method": method, "end_of_epoch": True})
     if best is not None:
         ck.mark_best(best, 0.5)
     ck.close()

@@ -46,6 +46,8 @@ def wire_induction_heads(config: GPT2Config, params: dict, query_offset: int = 2
 
     The arrays it rewrites come back as numpy arrays, the others as they were.
     """
+    if not isinstance(config, GPT2Config):
+        raise ValueError(f"induction heads wire GPT-2 weights; a {type(config).__name__} has none to wire")
     e, h = config.n_embd, config.n_head
     d = e // h
     if config.n_layer < 2 or e != 4 * d or d % 2:

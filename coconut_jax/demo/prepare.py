@@ -13,6 +13,10 @@ import shutil
 
 import jax
 
+from coconut_jax import tiny
+from coconut_jax.demo import induction
+from coconut_jax.files import write_atomic
+
 SETTINGS = "settings.json"
 
 
@@ -38,8 +42,6 @@ def _is_current(root: str, settings: dict) -> bool:
 
 
 def build(c, root: str) -> None:
-    from coconut_jax import tiny
-    from coconut_jax.files import write_atomic
     from data_prep import prosqa_generator
     from data_prep.common import write_json
     p = c.prepare
@@ -54,7 +56,7 @@ def build(c, root: str) -> None:
     write_json(prosqa_generator.generate(p.valid, seed=c.seed * 1000 + 1, g=graph), valid)
     tiny.build(tiny.record_texts(records), model_dir, vocab_size=p.vocab_size, n_layer=p.n_layer,
                n_embd=p.n_embd, n_head=p.n_head, n_positions=p.n_positions, seed=c.seed,
-               induction_heads=p.induction_heads, family=p.family)
+               wire=induction.wire_induction_heads if p.induction_heads else None, family=p.family)
     write_atomic(os.path.join(root, SETTINGS), json.dumps(_settings(c), indent=1) + "\n")
     print(f"built {model_dir}")
 

@@ -8,6 +8,22 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """A module a method adds beside the model, with parameters of its own: created when a run
+    starts, sharded by its own logical axes, trained by the same optimizer, checkpointed and
+    restored with the model (under `parts/<name>`), never used by generation and never
+    exported as the model.
+
+    name: its key in the run's parts (and checkpoints).
+    source: where a fresh run takes its weights: "pretrained", a copy of `model_id`'s
+        pretrained model at its own vocabulary (not resized to the latent tokens). A
+        hand-off (`load_model_path`) from a checkpoint that holds the part takes it from there.
+    """
+    name: str
+    source: str = "pretrained"
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
     """One latent-reasoning method (or baseline), as the reference's flags define it (SPEC §3).
 
@@ -25,6 +41,8 @@ class Method:
         an optimizer step's micro-batches (and, for evaluation, the validation set); the
         objective is the weighted sum of sum/count, logged as `train/loss` (`eval/loss`), each
         term as `train/<name>` when there are several. `loss_terms` returns them by name.
+    parts: the modules this method adds beside the model (`Part`); `loss_terms` receives each
+        as (its model, its params) under its name.
     """
     name: str
     summary: str
@@ -35,6 +53,7 @@ class Method:
     drops_every_step: bool = False
     needs_c_thought: bool = False
     loss: tuple[tuple[str, float], ...] = (("lm", 1.0),)
+    parts: tuple[Part, ...] = ()
 
     def thoughts_per_step(self, c_thought: int) -> int:
         return c_thought if self.thoughts else 0
@@ -59,11 +78,18 @@ class Method:
             return [f"c_thought must be >= 1 for method {self.name}"]
         return []
 
+    def trains(self, path: tuple[str, ...]) -> bool:
+        """Whether the model's parameter at `path` (its keys, e.g. ("wte",) or ("h", "0",
+        "attn", "c_attn", "kernel")) trains. A frozen one gets no gradient and no optimizer
+        state, and stays bit-identical through training. Every parameter trains here."""
+        return True
+
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
-                   loss_chunk: int = 0) -> dict:
+                   loss_chunk: int = 0, parts=None) -> dict:
         """{term: (sum, count)} of a batch, one entry per name of `loss`. Here the one term "lm":
         the summed token loss over the sequence's labels and the token count, with thoughts fed
-        back when `feedback`. Callers divide once, after summing over micro-batches."""
+        back when `feedback`. Callers divide once, after summing over micro-batches.
+        `parts`: {name: (model, params)} of the method's `parts` ({} without any)."""
         from coconut_jax import coconut
         return {"lm": coconut.loss_terms(model, params, arrays, prefix_len, n_latent, feedback=self.feedback,
                                          dropout_key=dropout_key, loss_chunk=loss_chunk)}
