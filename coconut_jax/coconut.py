@@ -134,9 +134,15 @@ def loss_terms(model: FunctionalModel, params, arrays, prefix_len: int, n_latent
 
     `loss_chunk` > 0 computes it `loss_chunk` positions at a time (`chunked_token_nll`)."""
     hidden = latent_forward(model, params, arrays, prefix_len, n_latent, feedback=feedback, dropout_key=dropout_key)
+    return hidden_nll(model, params, hidden, arrays["labels"], loss_chunk)
+
+
+def hidden_nll(model: FunctionalModel, params, hidden, labels, loss_chunk: int = 0):
+    """(summed next-token loss, token count) of final hidden states through the model's head;
+    `loss_chunk` > 0 and a longer sequence: `chunked_token_nll`."""
     if loss_chunk and hidden.shape[1] - 1 > loss_chunk:
-        return chunked_token_nll(model, params, hidden, arrays["labels"], loss_chunk)
-    return token_nll(model.logits(params, hidden), arrays["labels"])
+        return chunked_token_nll(model, params, hidden, labels, loss_chunk)
+    return token_nll(model.logits(params, hidden), labels)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prefix_len", "n_latent", "max_new_tokens", "feedback"))

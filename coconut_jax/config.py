@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.max_latent_stage = 6
     c.pad_latent_to_max = True
     c.uniform_prob = 0.0
+    c.step_groups = "steps"            # SIM-CoT's step targets: "brackets" (the reference's <<...>> parse) or "steps"
     c.save_only_improve = False
     c.seed = 0
     c.resume = 0

@@ -136,9 +136,15 @@ def build_run(ctx: RunContext) -> Run:
     train_examples = [] if c.only_eval else data.load_dataset(
         c.train_path, tok, 5000 if c.debug else None, c.cache_dir, with_records=False,
         tfds_data_dir=c.tfds_data_dir)[1]
+    targets = None
+    if cur.spec.step_targets:
+        targets = data.StepTargets(c.step_groups, data.step_ids(tok), c.max_latent_stage, cur.thoughts_per_step)
+        for path, examples in ((c.train_path, train_examples), (c.val_path, val_examples)):
+            if len(examples):
+                targets.check_parses(data.TokenizedSet.from_examples(examples), path)
     settings = data.PlanSettings(seed=c.seed, batch_size=ctx.micro, multiple=c.pad_to_multiple,
                                  max_len=model.config.n_positions, overlong=c.overlong, static_shapes=c.static_shapes,
-                                 host=jax.process_index(), num_hosts=jax.process_count())
+                                 host=jax.process_index(), num_hosts=jax.process_count(), step_targets=targets)
     run = Run(ctx, cur, tok, tokens, model, state, val_records, val_examples, train_examples, settings,
               Position(epoch=c.resume))
     if source.kind == "resume":

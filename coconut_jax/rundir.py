@@ -58,6 +58,8 @@ def identity(c) -> dict:
     fields = EVAL_FIELDS if c.only_eval else TRAIN_FIELDS
     if any(tfds_source.is_tfds(c[f]) for f in ("train_path", "val_path")):
         fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
+    if methods.get(c.method).step_targets:
+        fields += ("step_groups",)  # only then: runs of other methods keep the identity they had
     return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
 
 

@@ -10,6 +10,7 @@ def get_config():
     c.name = "gsm-coconut"
     c.method = "coconut"
     c.train_path, c.val_path = "data/gsm_train.json", "data/gsm_valid.json"
+    c.step_groups = "brackets"  # with --config.method=simcot: the reference's <<...>> groups
     c.c_thought, c.epochs_per_stage, c.max_latent_stage = 2, 3, 3
     c.num_epochs = 25
     c.resume = 3

@@ -31,6 +31,7 @@ def get_config(run: str = "coconut"):
     c = base_config()
     c.model_id = "meta-llama/Llama-3.2-1B-Instruct"
     c.train_path, c.val_path = "data/gsm_train.json", "data/gsm_valid.json"
+    c.step_groups = "brackets"  # with --config.method=simcot: the reference's <<...>> groups
     c.c_thought, c.epochs_per_stage, c.max_latent_stage = 2, 1, 3
     c.lr = 1e-5
     c.bf16 = True

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from coconut_jax.data.curriculum import IGNORE, Curriculum, Sequences, check_lengths, draw_stages, epoch_order
+from coconut_jax.data.step_targets import StepPlan, StepTargets
 from coconut_jax.data.tokens import Example, TokenizedSet
 
 
@@ -28,9 +29,11 @@ class Batch:
     indices: np.ndarray         # [B] record index, -1 for filler rows
     prefix_len: int             # static: first latent position (0 when no latents)
     n_latent: int               # static: number of thought passes
+    extras: dict = dataclasses.field(default_factory=dict)  # a method's own arrays (step targets)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k) for k in ("input_ids", "attention_mask", "position_ids", "labels", "latent_mask")}
+        base = ("input_ids", "attention_mask", "position_ids", "labels", "latent_mask")
+        return {**{k: getattr(self, k) for k in base}, **self.extras}
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -100,6 +103,7 @@ class PlanSettings:
     static_shapes: bool = False
     host: int = 0
     num_hosts: int = 1
+    step_targets: StepTargets | None = None  # the method's step targets, when it has them
 
 
 @dataclasses.dataclass
@@ -135,6 +139,9 @@ class EpochPlan:
                                  f"training sequences at stage {self.stage}")
         order = epoch_order(len(ts), s.seed, self.epoch) if self.shuffle else np.arange(len(ts))
         self._order = order[keep[order]]
+        self._steps = None if s.step_targets is None else StepPlan(
+            s.step_targets, self.seqs, self.seqs.dropped, self._order, s.multiple,
+            bool(s.static_shapes if self.static_shapes is None else self.static_shapes))
         self._min_prefix = self._min_width = 0
         static = s.static_shapes if self.static_shapes is None else self.static_shapes
         if static and len(self._order):
@@ -168,8 +175,11 @@ class EpochPlan:
             input_ids[r, left:left + len(ids)] = ids
             labels[r, left:left + len(ids)] = lab
         n_latent = int(self._n_latent[batch_rows].max(initial=0)) if self.cur.markers else 0
-        return _finish(input_ids, attention, positions, labels, lefts, self._lengths[rows], rows, share,
-                       self.tokens.latent, prefix, n_latent)
+        batch = _finish(input_ids, attention, positions, labels, lefts, self._lengths[rows], rows, share,
+                        self.tokens.latent, prefix, n_latent)
+        if self._steps is not None:
+            batch.extras = self._steps.arrays(rows.tolist(), share, batch_rows.tolist())
+        return batch
 
     def batches(self, start: int = 0) -> Iterator[Batch]:
         for k in range(start, len(self)):

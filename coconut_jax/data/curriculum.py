@@ -74,6 +74,7 @@ class Sequences:
     n_latent: np.ndarray
     tail_start: np.ndarray
     tail_len: np.ndarray
+    dropped: np.ndarray  # steps left out (replaced by thoughts, or dropped outright)
 
     @classmethod
     def at(cls, ts: TokenizedSet, stages: np.ndarray, cur: Curriculum, tokens) -> "Sequences":
@@ -83,7 +84,7 @@ class Sequences:
         tail_start = ts.pieces[first_piece + 1 + dropped]
         return cls(ts, tokens, cur.markers, q_start, ts.pieces[first_piece + 1] - q_start,
                    (latent_steps * cur.thoughts_per_step).astype(np.int64), tail_start,
-                   ts.pieces[ts.records[1:]] - tail_start)
+                   ts.pieces[ts.records[1:]] - tail_start, np.broadcast_to(dropped, ts.n_steps.shape))
 
     @property
     def head_len(self) -> np.ndarray:

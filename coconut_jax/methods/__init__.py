@@ -29,7 +29,7 @@ import importlib
 
 from coconut_jax.methods.base import Method
 
-_MODULES = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
+_MODULES = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought", "simcot")
 REGISTRY: dict[str, Method] = {}
 for _name in _MODULES:
     _method = importlib.import_module(f"coconut_jax.methods.{_name}").METHOD

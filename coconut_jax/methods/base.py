@@ -43,6 +43,9 @@ class Method:
         term as `train/<name>` when there are several. `loss_terms` returns them by name.
     parts: the modules this method adds beside the model (`Part`); `loss_terms` receives each
         as (its model, its params) under its name.
+    step_targets: batches carry each row's step targets (`data.step_targets`: `step_ids`,
+        `step_mask` [rows, groups, length]), what each group of thoughts replaced, parsed by the
+        config's `step_groups` rule.
     """
     name: str
     summary: str
@@ -54,6 +57,7 @@ class Method:
     needs_c_thought: bool = False
     loss: tuple[tuple[str, float], ...] = (("lm", 1.0),)
     parts: tuple[Part, ...] = ()
+    step_targets: bool = False
 
     def thoughts_per_step(self, c_thought: int) -> int:
         return c_thought if self.thoughts else 0

@@ -1,0 +1,75 @@
+"""SIM-CoT (Wei et al., ICLR 2026): Coconut plus step-level supervision of the thoughts
+(SPEC-SIMCOT.md).
+
+A training-only auxiliary decoder, a second copy of `model_id`'s *pretrained* model at its own
+vocabulary (the part "decoder"), must write out from each group of `c_thought` continuous
+thoughts the step those thoughts replaced (`data.step_targets`). Its inputs are the group's
+thoughts (not detached) then the step's tokens embedded with the *base's* word embedding;
+position ids start at 1; it has no dropout. Its own tied head predicts the step and its eos.
+
+    loss = lm (Coconut's, token-weighted) + steps (summed step NLL / (rows x groups))
+
+Generation is Coconut's with the base alone; the decoder never leaves as the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from coconut_jax.methods.base import Method, Part
+
+
+def step_nll(model, params, decoder, decoder_params, hidden, arrays, prefix_len: int, n_latent: int,
+             loss_chunk: int = 0):
+    """(summed NLL of every group's step target, number of (row, group) pairs with a target).
+
+    `hidden`: the base's final hidden states of the batch [B,T,E] (`coconut.latent_forward`);
+    the thought fed at latent position i is the hidden state at i-1, so group t's thoughts are
+    positions prefix_len-1+c*t .. prefix_len-2+c*(t+1). The groups of all rows run as one
+    [B*C, c+L] batch (they are independent; right padding never changes a counted position)."""
+    import jax.numpy as jnp
+
+    from coconut_jax import coconut
+    from coconut_jax.labels import IGNORE
+    ids, mask = arrays["step_ids"], arrays["step_mask"]
+    b, n_groups, length = ids.shape
+    if n_groups == 0 or n_latent == 0:
+        return jnp.float32(0), jnp.float32(0)
+    c = n_latent // n_groups
+    thoughts = hidden[:, prefix_len - 1:prefix_len - 1 + n_groups * c]
+    thoughts = thoughts.reshape(b, n_groups, c, thoughts.shape[-1])
+    x = jnp.concatenate([thoughts.astype(decoder.dtype), model.embed(params, ids).astype(decoder.dtype)], axis=2)
+    x = x.reshape(b * n_groups, c + length, -1)
+    key_mask = jnp.concatenate([jnp.ones((b, n_groups, c), mask.dtype), mask], axis=2).reshape(b * n_groups, -1)
+    labels = jnp.concatenate([jnp.full((b, n_groups, c), IGNORE, ids.dtype), jnp.where(mask > 0, ids, IGNORE)],
+                             axis=2).reshape(b * n_groups, -1)
+    positions = jnp.broadcast_to(jnp.arange(1, c + length + 1, dtype=jnp.int32), labels.shape)
+    h, _ = decoder.body(decoder_params, x, positions, key_mask)
+    total, _ = coconut.hidden_nll(decoder, decoder_params, h, labels, loss_chunk)
+    return total, jnp.sum(jnp.any(mask > 0, axis=-1)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCoT(Method):
+    def config_errors(self, c) -> list[str]:
+        from coconut_jax.data.step_targets import RULES
+        errors = super().config_errors(c)
+        if c.step_groups not in RULES:
+            errors.append(f"step_groups={c.step_groups!r} is not one of {', '.join(RULES)}")
+        return errors
+
+    def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
+                   loss_chunk: int = 0, parts=None) -> dict:
+        from coconut_jax import coconut
+        hidden = coconut.latent_forward(model, params, arrays, prefix_len, n_latent, feedback=True,
+                                        dropout_key=dropout_key)
+        decoder, decoder_params = parts["decoder"]
+        return {"lm": coconut.hidden_nll(model, params, hidden, arrays["labels"], loss_chunk),
+                "steps": step_nll(model, params, decoder, decoder_params, hidden, arrays, prefix_len, n_latent,
+                                  loss_chunk)}
+
+
+METHOD = SimCoT(
+    name="simcot",
+    summary="Coconut + an auxiliary decoder that writes out each group of thoughts' replaced step (training only)",
+    latent_tokens=True, feedback=True, needs_c_thought=True, loss=(("lm", 1.0), ("steps", 1.0)),
+    parts=(Part("decoder"),), step_targets=True)
