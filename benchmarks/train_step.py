@@ -3,7 +3,7 @@ the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
     python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b] [--batch B --length T] [--bf16]
                                     [--param-dtype bfloat16] [--time] [--repeats 5]
-                                    [--modes before,after,after_remat]
+                                    [--modes before,after,after_remat] [--simcot]
 
 Shapes: `tiny` and `llama_tiny` run on 2 CPU cores (a 2-layer GPT-2; a 2-layer Llama with
 grouped-query attention, RoPE with llama3 scaling and an untied head); `gpt2` is GPT-2 small,
@@ -19,6 +19,9 @@ fused kernel). Compilation uses abstract params, so GPT-2-small and 1B shapes co
 machine, and reports XLA's memory for the step: arguments (params, optimizer state, batch),
 temporaries and the total live at once (outputs reuse the donated params and state); `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
 and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
+`--simcot` adds, at each thought count, the SIM-CoT step (Coconut's plus the step decoder, a
+second copy of the model without the latent rows, over the thoughts' groups of 2 and 24-token
+steps) and its ratio to the Coconut step (`{mode}_simcot_over_coconut@N`).
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coconut_jax import coconut, data, models
+from coconut_jax import coconut, data, methods, models
 from coconut_jax.models.gpt2 import GPT2Config
 from coconut_jax.models.llama import LlamaConfig
 
@@ -86,6 +89,33 @@ def step_fn(model, tx, b, loss_chunk, feedback):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
+def step_arrays(batch: int, n_thoughts: int, vocab: int, length: int = 32, written: int = 24) -> dict:
+    """SIM-CoT step targets for groups of 2 thoughts: `written` tokens and eos per group."""
+    groups = n_thoughts // 2
+    rng = np.random.default_rng(1)
+    ids = rng.integers(1, vocab - 3, size=(batch, groups, length)).astype(np.int32)
+    mask = np.zeros((batch, groups, length), np.int32)
+    mask[:, :, :written + 1] = 1
+    return {"step_ids": ids, "step_mask": mask}
+
+
+def simcot_step_fn(model, decoder, tx, b, loss_chunk):
+    """The SIM-CoT step: one tree (base, decoder) trained on lm + steps."""
+    method = methods.get("simcot")
+
+    def loss(t, arrays, key):
+        terms = method.loss_terms(model, t[0], arrays, prefix_len=b.prefix_len, n_latent=b.n_latent,
+                                  dropout_key=key, loss_chunk=loss_chunk, parts={"decoder": (decoder, t[1])})
+        (s, n), (ss, sn) = terms["lm"], terms["steps"]
+        return s / n + ss / jnp.maximum(sn, 1.0)
+
+    def step(t, o, arrays, key):
+        value, g = jax.value_and_grad(loss)(t, arrays, key)
+        u, o = tx.update(g, o, t)
+        return optax.apply_updates(t, u), o, value
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def model_flops(model, tokens: int, length: int) -> float:
     """6 x (the params matmuls use: all but the position table, and the input embedding
     counted once, as the head) x tokens + the attention matmuls (PaLM's count)."""
@@ -124,6 +154,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--modes", default="before,after,after_remat")
     p.add_argument("--thoughts", default="0,6")
+    p.add_argument("--simcot", action="store_true", help="also the SIM-CoT step at each thought count > 0")
     a = p.parse_args()
     spec = SHAPES[a.shapes]
     cfg = spec["config"]
@@ -135,6 +166,9 @@ def main():
     tx = optax.adamw(1e-4, weight_decay=0.01)
     abstract = models.build(cfg).param_shapes(a.param_dtype)
     abstract_opt = jax.eval_shape(tx.init, abstract)
+    decoder_cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size - 3)  # the pretrained vocabulary
+    abstract_sim = (abstract, models.build(decoder_cfg).param_shapes(a.param_dtype))
+    abstract_sim_opt = jax.eval_shape(tx.init, abstract_sim)
     kind = jax.devices()[0].device_kind
     out = {"device": kind, "backend": jax.default_backend(), "shape": a.shapes, "batch": batch, "length": length,
            "family": models.model_type(cfg), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
@@ -148,44 +182,64 @@ def main():
         for mode in a.modes.split(","):
             m = MODES[mode]
             model = models.build(cfg, dtype, **m["model"])
-            fn = step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0)
-            t0 = time.perf_counter()
-            c = fn.lower(abstract, abstract_opt, arrays, jax.random.key(0)).compile()
-            secs = time.perf_counter() - t0
-            mem = c.memory_analysis()
-            name = f"{mode}@{n}"
-            compiled[name] = c
-            out[name] = {"compile_s": round(secs, 2)}
-            if mem is not None:
-                out[name].update(argument_gb=gib(mem.argument_size_in_bytes), temp_gb=gib(mem.temp_size_in_bytes),
-                                 total_gb=gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                                              + mem.output_size_in_bytes - mem.alias_size_in_bytes))
-            print(f"{name}: {out[name]}", flush=True)
+            variants = [(f"{mode}@{n}", step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0), abstract,
+                         abstract_opt, arrays)]
+            if a.simcot and n > 0:
+                decoder = models.build(decoder_cfg, dtype, **m["model"])
+                sim_arrays = {**arrays, **{k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                                           for k, v in step_arrays(batch, n, cfg.vocab_size).items()}}
+                variants.append((f"{mode}@{n}+simcot", simcot_step_fn(model, decoder, tx, b, m["loss_chunk"]),
+                                 abstract_sim, abstract_sim_opt, sim_arrays))
+            for name, fn, params_shape, opt_shape, arrays_shape in variants:
+                t0 = time.perf_counter()
+                c = fn.lower(params_shape, opt_shape, arrays_shape, jax.random.key(0)).compile()
+                secs = time.perf_counter() - t0
+                mem = c.memory_analysis()
+                compiled[name] = c
+                out[name] = {"compile_s": round(secs, 2)}
+                if mem is not None:
+                    out[name].update(argument_gb=gib(mem.argument_size_in_bytes), temp_gb=gib(mem.temp_size_in_bytes),
+                                     total_gb=gib(mem.argument_size_in_bytes + mem.temp_size_in_bytes
+                                                  + mem.output_size_in_bytes - mem.alias_size_in_bytes))
+                print(f"{name}: {out[name]}", flush=True)
     if a.time:
         params = jax.tree.map(lambda x: x.astype(a.param_dtype), models.build(cfg).init(0))
+        decoder_params = jax.tree.map(lambda x: x.astype(a.param_dtype), models.build(decoder_cfg).init(1))
         times = {name: [] for name in compiled}
-        state = {name: (jax.tree.map(jnp.array, params), tx.init(params)) for name in compiled}
+
+        def initial(name):
+            t = (params, decoder_params) if name.endswith("+simcot") else params
+            return jax.tree.map(jnp.array, t), tx.init(t)
+        state = {name: initial(name) for name in compiled}
         device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()}
+        sim_arrays = {n: {**device_arrays[n], **{k: jnp.asarray(v) for k, v in step_arrays(batch, n, cfg.vocab_size)
+                                                 .items()}} for n in batches if n}
         for r in range(a.repeats + 1):  # the first round warms up
             for name, c in compiled.items():
-                n = int(name.split("@")[1])
+                n = int(name.split("@")[1].split("+")[0])
                 p_, o_ = state[name]
                 t0 = time.perf_counter()
-                p_, o_, loss = c(p_, o_, device_arrays[n], jax.random.key(r))
+                p_, o_, loss = c(p_, o_, sim_arrays[n] if name.endswith("+simcot") else device_arrays[n],
+                                 jax.random.key(r))
                 jax.block_until_ready(loss)
                 state[name] = (p_, o_)
                 if r:
                     times[name].append(time.perf_counter() - t0)
         peak = peak_flops(kind)
         for name, ts in times.items():
-            n = int(name.split("@")[1])
+            n = int(name.split("@")[1].split("+")[0])
             tokens = batch * batches[n].input_ids.shape[1]
             med = float(np.median(ts))
             out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
                              tokens_per_s=round(tokens / med))
-            if peak and a.bf16:
+            if peak and a.bf16 and not name.endswith("+simcot"):  # the count is the base model's
                 out[name]["mfu"] = round(model_flops(models.build(cfg), tokens, batches[n].input_ids.shape[1])
                                          / med / peak, 3)
+        for name in times:
+            if name.endswith("+simcot"):
+                mode, n = name[:-len("+simcot")].split("@")
+                out[f"{mode}_simcot_over_coconut@{n}"] = round(out[name]["step_s_median"]
+                                                               / out[f"{mode}@{n}"]["step_s_median"], 3)
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
                 out[f"{mode}_6_thoughts_over_plain"] = round(out[f"{mode}@6"]["step_s_median"]

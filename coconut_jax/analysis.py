@@ -1,6 +1,7 @@
 """What the continuous thoughts encode (the Coconut paper, section 5).
 
     python -m coconut_jax.analysis --config configs/demo.py [--question 0] [--top_k 5] [--max_k N]
+    python -m coconut_jax.analysis --config configs/gsm_simcot.py --decode-steps [--question 0]
 
 For a trained model and a question:
   * `thoughts`: the continuous thoughts fed back at each latent position;
@@ -9,7 +10,9 @@ For a trained model and a question:
     question's graph (the first token of the concept's name, as it follows "is a"), the
     paper's implicit value of frontier nodes, with `frontier_nodes` giving each node's
     distance from the person asked about;
-  * `accuracy_by_thoughts`: validation accuracy when inference uses k = 0..max thoughts.
+  * `accuracy_by_thoughts`: validation accuracy when inference uses k = 0..max thoughts;
+  * `decode_steps` (`--decode-steps`, methods with a step decoder: SIM-CoT): the trained
+    decoder's greedy text for each group of `c_thought` thoughts, beside the step it replaced.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coconut_jax import coconut, config as config_lib, data, evaluate
+from coconut_jax.data.step_targets import StepPlan
 from coconut_jax.plot import pyplot, save_figure
 
 
@@ -54,6 +58,35 @@ def decode_thoughts(model, params, states: np.ndarray, tokenizer, top_k: int = 5
         top = np.argsort(-row, kind="stable")[:top_k]
         out.append([(tokenizer.decode([int(t)]), float(row[t])) for t in top])
     return out
+
+
+def decode_steps(model, params, decoder, decoder_params, states: np.ndarray, c: int, eos: int,
+                 max_tokens: int = 40) -> list[list[int]]:
+    """The step decoder's greedy tokens (eos excluded) from each group of `c` thoughts, as in
+    training: the group's thoughts, then each token written embedded by the base (position ids
+    from 1). One full pass per token: a few short sequences."""
+    out = []
+    for t in range(len(states) // c):
+        x = jnp.asarray(states[c * t:c * t + c], decoder.dtype)[None]
+        written = []
+        for _ in range(max_tokens):
+            pos = jnp.arange(1, x.shape[1] + 1)[None]
+            h, _ = decoder.body(decoder_params, x, pos, jnp.ones_like(pos))
+            nxt = int(jnp.argmax(decoder.logits(decoder_params, h[:, -1])[0]))
+            if nxt == eos:
+                break
+            written.append(nxt)
+            x = jnp.concatenate([x, model.embed(params, jnp.array([[nxt]])).astype(decoder.dtype)], axis=1)
+        out.append(written)
+    return out
+
+
+def replaced_steps(run, ex, stage: int) -> list[list[int]]:
+    """The step targets (eos excluded) of a validation example at `stage`, as training builds them."""
+    cur, targets = run.cur, run.plan_settings.step_targets
+    seqs = data.Sequences.at(data.TokenizedSet.from_examples([ex]), np.array([stage]), cur, run.tokens)
+    plan = StepPlan(targets, seqs, seqs.dropped, np.array([0]), 1, False)
+    return [g[:-1] for g in plan.groups[0]]
 
 
 def frontier_nodes(record: dict) -> dict[int, int]:
@@ -131,19 +164,42 @@ def plot_accuracy_by_thoughts(acc: dict[int, float], path: str, thoughts_per_ste
 # -- command line ----------------------------------------------------------------------------
 
 def load_trained(c):
-    """The run of `c` built on its latest checkpoint, for inspection (nothing claimed or written)."""
+    """The run of `c` built on its latest checkpoint (else on `load_model_path`, the weights it
+    started from), for inspection (nothing claimed or written)."""
     from coconut_jax import checkpoint
     from coconut_jax.train import set_up
     c.only_eval = True
     c.wandb_mode = "disabled"
     config_lib.normalize(c)
-    if c.load_model_path is None:
-        ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
-        found = checkpoint.steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-        if not found:
-            raise config_lib.ConfigError(f"{ckpt_dir}: no checkpoint to analyse; train the run first")
+    ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
+    found = checkpoint.steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
+    if found:  # the run's own weights win, as they do when it runs (a config's hand-off path is where it began)
         c.load_model_path = os.path.join(ckpt_dir, str(found[-1]))
+    elif c.load_model_path is None:
+        raise config_lib.ConfigError(f"{ckpt_dir}: no checkpoint to analyse; train the run first")
     return set_up(c, writes=False)
+
+
+def report_steps(run, question: int, max_k: int | None) -> list[dict]:
+    """Prints, for each group of thoughts of a validation question at stage `max_k`, what the
+    step decoder writes from it beside the step those thoughts replaced."""
+    from coconut_jax.config import ConfigError
+    decoder = dict(run.state.part_models).get("decoder")
+    if decoder is None or run.plan_settings.step_targets is None:
+        raise ConfigError(f"--decode-steps: method={run.c.method!r} has no step decoder (method=simcot has one)")
+    cur, tokens, tok = run.cur, run.tokens, run.tok
+    stage = cur.max_latent_stage + 1 if max_k is None else max_k
+    ex = run.val_examples[question]
+    prompt = data.eval_prompt(ex, stage, cur, tokens)
+    states = thoughts(run.model, run.params, prompt, tokens)
+    c = cur.thoughts_per_step
+    written = decode_steps(run.model, run.params, decoder, run.state.parts["decoder"], states, c, tokens.eos)
+    rows = []
+    print(f"question {question}: steps written by the decoder from each group of {c} thoughts (stage {stage})")
+    for t, (got, want) in enumerate(zip(written, replaced_steps(run, ex, stage))):
+        rows.append({"group": t + 1, "decoded": tok.decode(got), "replaced": tok.decode(want)})
+        print(f"thoughts {c * t + 1}-{c * t + c}: {rows[-1]['decoded']!r}   replaced: {rows[-1]['replaced']!r}")
+    return rows
 
 
 def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
@@ -187,6 +243,8 @@ def cli():
     flags.DEFINE_integer("question", 0, "validation question to analyse (position in the validation file)")
     flags.DEFINE_integer("top_k", 5, "tokens shown per thought")
     flags.DEFINE_integer("max_k", None, "largest number of latent stages at inference (default max_latent_stage)")
+    flags.DEFINE_boolean("decode_steps", False, "only the step decoder's text for each group of thoughts (SIM-CoT)")
+    flags.DEFINE_alias("decode-steps", "decode_steps")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -195,7 +253,10 @@ def cli():
         f = flags.FLAGS
         try:
             run = load_trained(f.config)
-            report(run, f.question, f.top_k, f.max_k, os.path.join(run.run_dir, "analysis"))
+            if f.decode_steps:
+                report_steps(run, f.question, f.max_k)
+            else:
+                report(run, f.question, f.top_k, f.max_k, os.path.join(run.run_dir, "analysis"))
         except (config_lib.ConfigError, rundir.RunDirError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -10,19 +10,24 @@ from coconut_jax.methods.base import Method
 from tests.conftest import ROOT
 
 
-def test_registry_holds_the_reference_methods_in_order():
-    assert methods.NAMES == ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
+REFERENCE = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
+
+
+def test_registry_holds_the_reference_methods_in_order_then_simcot():
+    assert methods.NAMES == REFERENCE + ("simcot",)
     assert all(methods.get(n).name == n for n in methods.NAMES)
-    with pytest.raises(ValueError, match="method 'latent' is not one of coconut, cot, no_thoughts, no_cot, pause_as_thought"):
+    with pytest.raises(ValueError, match="method 'latent' is not one of coconut, cot, no_thoughts, no_cot, "
+                                         "pause_as_thought, simcot"):
         methods.get("latent")
 
 
 def test_what_each_reference_method_declares():
     """SPEC §3's flags, as the records say them."""
-    latent = {n for n in methods.NAMES if methods.get(n).latent_tokens}
+    latent = {n for n in REFERENCE if methods.get(n).latent_tokens}
     assert latent == {"coconut", "pause_as_thought"}
-    assert [n for n in methods.NAMES if methods.get(n).feedback] == ["coconut"]
-    assert {n for n in methods.NAMES if not methods.get(n).staged} == {"cot", "no_cot"}
+    assert [n for n in REFERENCE if methods.get(n).feedback] == ["coconut"]
+    assert {n for n in REFERENCE if not methods.get(n).staged} == {"cot", "no_cot"}
+    assert not any(methods.get(n).parts or methods.get(n).step_targets for n in REFERENCE)
     assert methods.get("no_thoughts").thoughts_per_step(3) == 0 and methods.get("coconut").thoughts_per_step(3) == 3
     assert methods.carries_latent_tokens("coconut") and not methods.carries_latent_tokens("cot")
     assert not methods.carries_latent_tokens(None) and not methods.carries_latent_tokens("from_a_newer_version")
