@@ -27,6 +27,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
+        # JAX for the accelerator: NVIDIA GPUs (CUDA 12 wheels, drivers from the system) or Cloud TPU.
+        "cuda": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
         "torch": ["torch"],
         # TFDS datasets (data_prep.tfds, tfds:NAME/SPLIT paths); TensorFlow is not needed.
         # importlib_resources: tensorflow-datasets imports it without declaring it.

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from coconut_jax import coconut, data, methods, models
+from coconut_jax.costs import count, model_flops, peak_flops
 from coconut_jax.models.gpt2 import GPT2Config
 from coconut_jax.models.llama import LlamaConfig
 
@@ -58,9 +59,6 @@ MODES = {
     "after": dict(model=dict(scan_layers=True, fused_attention=True), loss_chunk=128),
     "after_remat": dict(model=dict(scan_layers=True, fused_attention=True, remat="full"), loss_chunk=128),
 }
-# Dense bf16 peak FLOP/s by device kind (vendor figures), for model FLOP utilisation.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5e": 197e12,
-             "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
 def make_batch(batch, length, n_thoughts, vocab):
@@ -116,29 +114,8 @@ def simcot_step_fn(model, decoder, tx, b, loss_chunk):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def model_flops(model, tokens: int, length: int) -> float:
-    """6 x (the params matmuls use: all but the position table, and the input embedding
-    counted once, as the head) x tokens + the attention matmuls (PaLM's count)."""
-    shapes = model.param_shapes()
-    n = count(shapes)
-    n -= int(np.prod(shapes["wpe"].shape)) if "wpe" in shapes else 0
-    n -= int(np.prod(shapes["wte"].shape)) if "lm_head" in shapes else 0
-    cfg = model.config
-    width = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", 0) or cfg.n_embd
-    return 6.0 * n * tokens + 12.0 * cfg.n_layer * width * length * tokens
-
-
-def count(shapes) -> int:
-    """The number of parameters of a tree of shapes."""
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-
-
 def gib(n: int) -> float:
     return round(n / 2 ** 30, 3)
-
-
-def peak_flops(kind: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k.lower() in kind.lower()), None)
 
 
 def main():

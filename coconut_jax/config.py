@@ -116,9 +116,10 @@ def normalize(c: ml_collections.ConfigDict) -> None:
         c.load_model_path = None
 
 
-def validate(c: ml_collections.ConfigDict) -> None:
+def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     """Every impossible setting is one clear error, raised before anything is compiled
-    (`normalize` first)."""
+    (`normalize` first). `data_files=False` leaves the data paths unchecked (a memory plan
+    reads no data)."""
     normalize(c)
     def need(ok, msg):
         if not ok:
@@ -166,7 +167,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
                                          f"generates the data and model; add --config.prepare.kind= to use yours")
     from coconut_jax.models import FAMILIES
     need(c.prepare.family in FAMILIES, f"prepare.family={c.prepare.family!r} must be one of {', '.join(FAMILIES)}")
-    if not c.prepare.kind:
+    if not c.prepare.kind and data_files:
         from coconut_jax import tfds_source
         for field in ("val_path",) + (() if c.only_eval else ("train_path",)):
             if tfds_source.is_tfds(c[field]):

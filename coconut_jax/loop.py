@@ -15,7 +15,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from coconut_jax import feed, steps
+from coconut_jax import costs, feed, steps
 from coconut_jax.metrics import stage_table
 from coconut_jax.run import Run, save
 
@@ -50,15 +50,17 @@ class Preemption:
 
 class LossLog:
     """Training losses of logged steps, kept on the device and read back together (one transfer),
-    with the epoch's tokens per second."""
+    with the epoch's tokens per second and, on an accelerator of known peak (`costs.PEAK_BF16`),
+    the model FLOP utilisation of the epoch so far (`train/mfu`)."""
 
-    def __init__(self, sink, every: int):
-        self.sink, self.every = sink, every
+    def __init__(self, sink, every: int, peak_flops: float | None = None):
+        self.sink, self.every, self.peak = sink, every, peak_flops
         self.pending: list[dict] = []
-        self.clock = (time.time(), 0)
+        self.reported = False  # the start report (devices, mesh, memory) printed
+        self.clock = (time.time(), 0, 0.0)
 
     def start_epoch(self) -> None:
-        self.clock = (time.time(), 0)
+        self.clock = (time.time(), 0, 0.0)
 
     def add(self, event: dict, bar=None) -> None:
         self.pending.append(event)
@@ -69,16 +71,38 @@ class LossLog:
         if not self.pending:
             return
         losses = jax.device_get([e.pop("losses") for e in self.pending])
-        t0, tokens = self.clock
+        t0, tokens, flops = self.clock
         elapsed = max(time.time() - t0, 1e-9)
         for e, step_losses in zip(self.pending, losses):
             tokens += e.pop("tokens")
+            flops += e.pop("flops", 0.0)
+            mfu = {"train/mfu": flops / elapsed / self.peak} if self.peak else {}
             self.sink.log({**e, **{f"train/{k}": float(v) for k, v in step_losses.items()},
-                           "train/tokens_per_s": tokens / elapsed})
-        self.clock = (t0, tokens)
+                           "train/tokens_per_s": tokens / elapsed, **mfu})
+        self.clock = (t0, tokens, flops)
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(losses[-1]['loss']):.4f}")
+            bar.set_postfix(loss=f"{float(losses[-1]['loss']):.4f}", tok_s=f"{tokens / elapsed:.0f}",
+                            **({"mfu": f"{flops / elapsed / self.peak:.3f}"} if self.peak else {}))
         self.pending = []
+
+
+def report_start(run: Run, batch) -> dict:
+    """Prints the devices, the mesh, the micro-batch and the step's per-device memory (XLA's
+    analysis of the compiled step at the first batch's shape; `coconut_jax.plan` computes the
+    same before a run). Compiling here is the first step's compilation, not an extra one."""
+    c, mesh = run.c, run.ctx.mesh
+    rows, width = batch.input_ids.shape[0] * jax.process_count(), batch.input_ids.shape[1]
+    steps_shape = batch.extras["step_ids"].shape[1:] if "step_ids" in batch.extras else None
+    mem = costs.step_memory(run.model, run.state.layout, run.state.update_fn, run.cur.spec,
+                            costs.batch_shapes(mesh, rows, width, steps_shape), prefix_len=batch.prefix_len,
+                            n_latent=batch.n_latent, loss_chunk=c.loss_chunk, part_models=run.state.part_models)
+    dev = jax.devices()[0]
+    per = rows // run.ctx.data_devices
+    run.ctx.say(f"devices: {jax.device_count()} x {dev.device_kind} ({jax.process_count()} process(es)); mesh data="
+                f"{mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; micro-batch {rows} x "
+                f"{width} tokens ({per} rows per data-parallel device; {c.gradient_accumulation_steps} micro-batch(es) per step)")
+    run.ctx.say("step memory per device: " + ", ".join(f"{k[:-3]} {v:.3g}" for k, v in mem.items()) + " GiB")
+    return mem
 
 
 def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preemption, progress: Callable) -> bool:
@@ -94,6 +118,9 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
     def make(k):
         batch = plan.batch(k)
         return batch, run.put(batch), int(batch.attention_mask.sum()) * jax.process_count()
+    if starts and not losses.reported:
+        report_start(run, plan.batch(starts[0]))
+        losses.reported = True
     base = jax.random.key(c.seed)
     bar = progress(starts, desc=f"epoch {at.epoch + 1}/{c.num_epochs} stage {stage}", total=len(starts))
     losses.start_epoch()
@@ -101,17 +128,21 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
         for start in bar:
             tokens = [0]
 
+            flops = [0.0]
+
             def micro_batches():
                 for _ in micro(start):
                     batch, arrays, n = next(batches)
                     tokens[0] += n
+                    if losses.peak:
+                        flops[0] += costs.model_flops(run.model, n, batch.input_ids.shape[1])
                     yield batch, arrays
             step_losses = steps.train_step(run.state, micro_batches(), method=run.cur.spec, base_key=base,
                                            step=at.step, loss_chunk=c.loss_chunk)
             at.step += 1
             at.batch_in_epoch = micro(start).stop
             losses.add({"step": at.step, "epoch": at.epoch + 1, "stage": stage, "losses": step_losses,
-                        "tokens": tokens[0]}, bar)
+                        "tokens": tokens[0], "flops": flops[0] / jax.device_count()}, bar)
             stop = preemption.agreed()
             if stop or (c.checkpoint_every_steps and at.step % c.checkpoint_every_steps == 0
                         and at.batch_in_epoch < len(plan)):
@@ -152,7 +183,9 @@ def fit(run: Run, evaluator, progress: Callable | None = None) -> dict:
     are closed, wandb finished, and the stage table and curves written. The last evaluation."""
     ctx = run.ctx
     progress = progress or progress_bar(ctx.main)
-    losses, preemption = LossLog(ctx.sink, run.c.log_every_steps), Preemption()
+    losses = LossLog(ctx.sink, run.c.log_every_steps, costs.peak_flops(jax.devices()[0].device_kind)
+                     if jax.default_backend() != "cpu" else None)
+    preemption = Preemption()
     result, stopped = {}, False
     while run.at.epoch < run.c.num_epochs:
         out = train_epoch(run, evaluator, losses, preemption, progress)

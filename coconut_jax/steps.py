@@ -130,6 +130,50 @@ def like_params(tree_shapes, params, replicated):
     return jax.tree_util.tree_map_with_path(pick, tree_shapes)
 
 
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
+
+
+class Layout:
+    """Where a run's state lives, with no array allocated: the shapes, dtypes and shardings of
+    the model's params, the trained tree (`trainable`), the frozen params, the optimizer state
+    and the gradient accumulator. `TrainState` places its arrays by it; `coconut_jax.plan`
+    compiles the step from it alone."""
+
+    def __init__(self, model, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),), part_models=(), trains=None):
+        self.terms = [t for t, _ in loss]
+        self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(param_dtype))
+        self.part_sh = {name: sharding.param_shardings(mesh, m.logical_axes(), m.param_shapes(param_dtype))
+                        for name, m in part_models}
+        self.params = _abstract(model.param_shapes(param_dtype), self.param_sh)
+        parts = {name: _abstract(m.param_shapes(param_dtype), self.part_sh[name]) for name, m in part_models}
+        model_trained, self.frozen = trainable.split(self.params, trains)
+        self.trained = trainable.pack(model_trained, parts)
+        self.trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0], self.part_sh)
+        self.scalar = NamedSharding(mesh, P())
+        opt_shapes = jax.eval_shape(tx.init, self.trained)
+        self.opt_sh = like_params(opt_shapes, self.trained, self.scalar)
+        self.opt_state = _abstract(opt_shapes, self.opt_sh)
+        self.acc_sh = {"grads": {t: self.trained_sh for t in self.terms}, "sums": {t: self.scalar for t in self.terms},
+                       "counts": {t: self.scalar for t in self.terms}}
+        zero = jax.ShapeDtypeStruct((), jnp.float32)
+        self.acc = _abstract({"grads": {t: self.trained for t in self.terms}, "sums": {t: zero for t in self.terms},
+                              "counts": {t: zero for t in self.terms}}, self.acc_sh)
+
+
+def make_update(tx, loss, layout: Layout):
+    """The jitted update of a layout's state: (trained, opt_state, acc) -> (trained, opt_state,
+    the step's losses, the accumulator zeroed), all three inputs donated."""
+    def update_and_clear(trained, opt_state, acc):
+        # The spent accumulator comes back zeroed in its own (donated) buffers: no
+        # gradient-sized allocation per step.
+        return (*apply_update(tx, trained, opt_state, acc, loss), zeros_like_acc(acc))
+    terms = layout.terms
+    loss_sh = {k: layout.scalar for k in ["loss"] + (terms if len(terms) > 1 else [])}
+    return jax.jit(update_and_clear, donate_argnums=(0, 1, 2),
+                   out_shardings=(layout.trained_sh, layout.opt_sh, loss_sh, layout.acc_sh))
+
+
 class TrainState:
     """Params + optimizer state on the mesh, and the jitted update functions of a run.
 
@@ -150,33 +194,19 @@ class TrainState:
         self.model, self.mesh, self.tx, self.trains = model, mesh, tx, trains
         parts = parts or {}
         self.part_models = tuple((name, m) for name, (m, _) in sorted(parts.items()))
-        terms = [t for t, _ in loss]
-        self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(param_dtype))
-        self.part_sh = {name: sharding.param_shardings(mesh, m.logical_axes(), m.param_shapes(param_dtype))
-                        for name, m in self.part_models}
-        params = self._place(model, params_host, self.param_sh, param_dtype)
-        part_params = {name: self._place(m, parts[name][1], self.part_sh[name], param_dtype)
+        self.layout = lay = Layout(model, mesh, tx, param_dtype, loss, self.part_models, trains)
+        self.param_sh, self.opt_sh, self.acc_sh = lay.param_sh, lay.opt_sh, lay.acc_sh
+        params = self._place(model, params_host, lay.param_sh, param_dtype)
+        part_params = {name: self._place(m, parts[name][1], lay.part_sh[name], param_dtype)
                        for name, m in self.part_models}
         model_trained, self.frozen = trainable.split(params, trains)
         self.trained = trainable.pack(model_trained, part_params)
-        trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0], self.part_sh)
-        opt_shapes = jax.eval_shape(tx.init, self.trained)
-        self.opt_sh = like_params(opt_shapes, self.trained, NamedSharding(mesh, P()))
-        self._init = jax.jit(tx.init, out_shardings=self.opt_sh)
-        scalar = NamedSharding(mesh, P())
-        self.acc_sh = {"grads": {t: trained_sh for t in terms}, "sums": {t: scalar for t in terms},
-                       "counts": {t: scalar for t in terms}}
-
-        def update_and_clear(trained, opt_state, acc):
-            # The spent accumulator comes back zeroed in its own (donated) buffers: no
-            # gradient-sized allocation per step.
-            return (*apply_update(tx, trained, opt_state, acc, loss), zeros_like_acc(acc))
-        loss_sh = {k: scalar for k in ["loss"] + (terms if len(terms) > 1 else [])}
-        self._update = jax.jit(update_and_clear, donate_argnums=(0, 1, 2),
-                               out_shardings=(trained_sh, self.opt_sh, loss_sh, self.acc_sh))
+        terms = lay.terms
+        self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
+        self._update = self.update_fn = make_update(tx, loss, lay)
         self._zeros = jax.jit(lambda p: {"grads": {t: jax.tree.map(jnp.zeros_like, p) for t in terms},
                                          "sums": {t: jnp.float32(0) for t in terms},
-                                         "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=self.acc_sh)
+                                         "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=lay.acc_sh)
         self.opt_state = self._init(self.trained)
 
     @staticmethod

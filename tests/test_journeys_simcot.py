@@ -61,6 +61,13 @@ def test_gsm_cot_then_coconut_then_simcot_then_eval(simcot_chain):
     last = checkpoint.steps(str(ckpt))[-1]
     assert "parts" in checkpoint.stored_items(str(ckpt), last)
     assert set(checkpoint.load_params(str(ckpt), last)) == {"wte", "wpe", "h", "ln_f"}
+    # The decoder can leave on its own, as a Hugging Face directory of model_id's family and vocabulary.
+    from coconut_jax import hf
+    decoder = checkpoint.load_params(str(ckpt), last, item="parts")["decoder"]
+    config = hf.load_config(hf.resolve_model_dir(json.load(open(out / "gsm-simcot" / "run.json"))["model_id"]))
+    hf.export_hf(config, decoder, str(out / "decoder_export"), overwrite=True)
+    _, back = hf.load_pretrained(str(out / "decoder_export"))
+    jax.tree.map(np.testing.assert_array_equal, back, decoder)
     # The evaluation at the final stage: 5 groups x 2 thoughts, generated with the base alone.
     (final,) = evals(out / "gsm-simcot-eval")
     assert final["eval/thoughts"] == 10.0
