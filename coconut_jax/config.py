@@ -219,6 +219,26 @@ def unknown_field_message(name: str, c: ml_collections.ConfigDict) -> str:
     return f"config: unknown field --config.{name}{hint}"
 
 
+# SIM-CoT's YAML (its repository's Coconut/args/gsm_simcot*.yaml): the keys it adds, and the
+# 8 GPUs its published run used (batch_size_training 8 -> 64, SPEC-SIMCOT §5).
+SIMCOT_YAML_KEYS = {"coconutgpt", "mode", "explain_mode", "w_prompt", "training_method", "train_or_eval",
+                    "packing", "loss_level", "use_prj", "format_pseudo_thought", "visualize_jsonl", "wandb"}
+SIMCOT_REFERENCE_DEVICES = 8
+
+
+def _simcot_yaml(path: str, y: dict, method: str) -> tuple[str, str, int]:
+    """(method, step_groups, devices) of a SIM-CoT YAML; what we do not implement is refused."""
+    unsupported = [(k, y[k]) for k, ok in (("explain_mode", "v1_aug"), ("mode", "coconutgpt_same_word_embedding"),
+                                          ("training_method", "full")) if k in y and y[k] != ok]
+    unsupported += [(k, y[k]) for k in ("packing", "use_prj", "format_pseudo_thought", "w_prompt") if y.get(k)]
+    unsupported += [("loss_level", y["loss_level"])] if y.get("loss_level") not in (None, "sequence_level") else []
+    if method != "coconut" or unsupported:
+        what = ", ".join(f"{k}={v!r}" for k, v in unsupported) or f"method {method}"
+        raise ConfigError(f"{path}: SIM-CoT setting(s) {what} not supported (method=simcot implements explain_mode "
+                          f"v1_aug, mode coconutgpt_same_word_embedding, training_method full on Coconut)")
+    return "simcot", "brackets", SIMCOT_REFERENCE_DEVICES
+
+
 def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
     """A reference YAML file (args/*.yaml) -> our config, unchanged in meaning."""
     import yaml
@@ -237,15 +257,19 @@ def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
     if len(flags) != 1:
         raise ConfigError(f"{path}: at most one of coconut/cot/no_thoughts/no_cot may be true, found {', '.join(flags)}")
     c.method = flags[0]
+    devices = REFERENCE_DEVICES
     ignored = {"coconut", "cot", "no_thoughts", "no_cot", "special_token", "local", "local_path",
                "batch_size_training"}
+    if y.get("explain_mode"):
+        c.method, c.step_groups, devices = _simcot_yaml(path, y, flags[0])
+        ignored |= SIMCOT_YAML_KEYS
     for key, value in y.items():
         if key in ignored:
             continue
         if key not in c:
             raise ConfigError(f"{path}: unknown setting {key!r}")
         c[key] = type(c[key])(value) if isinstance(c[key], (int, float)) and not isinstance(c[key], bool) else value
-    c.global_batch_size = int(y["batch_size_training"]) * REFERENCE_DEVICES * int(y.get("gradient_accumulation_steps", 1))
+    c.global_batch_size = int(y["batch_size_training"]) * devices * int(y.get("gradient_accumulation_steps", 1))
     c.load_model_path = str(y.get("load_model_path", "None"))
     normalize(c)
     return c

@@ -334,3 +334,56 @@ def test_simcot_is_registered_with_its_decoder_and_two_terms():
     assert m.latent_tokens and m.feedback and m.step_targets
     assert [p.name for p in m.parts] == ["decoder"] and m.loss == (("lm", 1.0), ("steps", 1.0))
     assert m.summary
+
+
+SIMCOT_YAML = """\
+project: coconut
+save_path: ./ckpts
+name: gsm_coconut_simcot
+only_eval: False
+coconut: True
+cot: False
+no_thoughts: False
+no_cot: False
+coconutgpt: True
+c_thought: 2
+epochs_per_stage: 3
+max_latent_stage: 5
+pad_latent_to_max: True
+save_only_improve: False
+uniform_prob: 0.0
+model_id: ./pretrained/gpt2
+load_model_path: ./ckpts/gsm-coconut/checkpoint_24
+wandb: False
+seed: 0
+resume: 3
+bf16: False
+train_path: ./data/gsm_train.json
+val_path: ./data/gsm_test.json
+reset_optimizer: True
+batch_size_training: 8
+debug: False
+gradient_accumulation_steps: 1
+num_epochs: 35
+lr: !!float "1e-4"
+weight_decay: 0.01
+w_prompt: False
+mode: coconutgpt_same_word_embedding
+explain_mode: v1_aug
+training_method: full
+"""
+
+
+def test_the_simcot_repositorys_yaml_reads_as_method_simcot(tmp_path):
+    """Its `gsm_simcot.yaml` (SPEC-SIMCOT §5): SIM-CoT on 8 GPUs of 8 rows, brackets."""
+    path = tmp_path / "gsm_simcot.yaml"
+    path.write_text(SIMCOT_YAML)
+    c = config_lib.from_reference_yaml(str(path))
+    assert (c.method, c.step_groups, c.global_batch_size) == ("simcot", "brackets", 64)
+    assert (c.c_thought, c.epochs_per_stage, c.max_latent_stage, c.resume, c.num_epochs) == (2, 3, 5, 3, 35)
+    path.write_text(SIMCOT_YAML.replace("training_method: full", "training_method: only_expainable_llm"))
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.from_reference_yaml(str(path))
+    assert str(e.value) == (f"{path}: SIM-CoT setting(s) training_method='only_expainable_llm' not supported "
+                            f"(method=simcot implements explain_mode v1_aug, mode coconutgpt_same_word_embedding, "
+                            f"training_method full on Coconut)")
