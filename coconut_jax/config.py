@@ -118,8 +118,8 @@ def normalize(c: ml_collections.ConfigDict) -> None:
 
 def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     """Every impossible setting is one clear error, raised before anything is compiled
-    (`normalize` first). `data_files=False` leaves the data paths unchecked (a memory plan
-    reads no data)."""
+    (`normalize` first). `data_files=False` leaves the paths the run reads (data,
+    `load_model_path`) unchecked: a memory plan reads neither."""
     normalize(c)
     def need(ok, msg):
         if not ok:
@@ -174,7 +174,7 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
                 need(tfds_source.valid_path(c[field]), f"{field}={c[field]!r}: a TFDS source is written tfds:NAME/SPLIT")
             else:
                 need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
-    if c.load_model_path is not None:
+    if c.load_model_path is not None and data_files:
         need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
 
 
@@ -226,14 +226,14 @@ SIMCOT_YAML_KEYS = {"coconutgpt", "mode", "explain_mode", "w_prompt", "training_
 SIMCOT_REFERENCE_DEVICES = 8
 
 
-def _simcot_yaml(path: str, y: dict, method: str) -> tuple[str, str, int]:
+def _simcot_yaml(path: str, y: dict) -> tuple[str, str, int]:
     """(method, step_groups, devices) of a SIM-CoT YAML; what we do not implement is refused."""
     unsupported = [(k, y[k]) for k, ok in (("explain_mode", "v1_aug"), ("mode", "coconutgpt_same_word_embedding"),
                                           ("training_method", "full")) if k in y and y[k] != ok]
     unsupported += [(k, y[k]) for k in ("packing", "use_prj", "format_pseudo_thought", "w_prompt") if y.get(k)]
     unsupported += [("loss_level", y["loss_level"])] if y.get("loss_level") not in (None, "sequence_level") else []
-    if method != "coconut" or unsupported:
-        what = ", ".join(f"{k}={v!r}" for k, v in unsupported) or f"method {method}"
+    if unsupported or not y.get("coconut") or any(y.get(k) for k in ("cot", "no_thoughts", "no_cot")):
+        what = ", ".join(f"{k}={v!r}" for k, v in unsupported) or "on a file without coconut: True"
         raise ConfigError(f"{path}: SIM-CoT setting(s) {what} not supported (method=simcot implements explain_mode "
                           f"v1_aug, mode coconutgpt_same_word_embedding, training_method full on Coconut)")
     return "simcot", "brackets", SIMCOT_REFERENCE_DEVICES
@@ -261,7 +261,7 @@ def from_reference_yaml(path: str) -> ml_collections.ConfigDict:
     ignored = {"coconut", "cot", "no_thoughts", "no_cot", "special_token", "local", "local_path",
                "batch_size_training"}
     if y.get("explain_mode"):
-        c.method, c.step_groups, devices = _simcot_yaml(path, y, flags[0])
+        c.method, c.step_groups, devices = _simcot_yaml(path, y)
         ignored |= SIMCOT_YAML_KEYS
     for key, value in y.items():
         if key in ignored:

@@ -23,3 +23,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # curves, concept mass, accuracy by thoughts
     assert os.path.isfile(tmp_path / "runs" / "tiny" / "analysis" / "accuracy_by_k.png")
+    # The SIM-CoT epoch and the decoder's text for each group of thoughts of question 0.
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "eval/steps" in text and "thoughts 1-1: " in text and "replaced: " in text

@@ -73,3 +73,28 @@ def test_a_bad_size_is_one_line(tmp_path):
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: --device-memory='lots': not a size like 16GB or 80GiB")
+
+
+def test_the_loss_log_reports_model_flop_utilisation_on_a_known_peak():
+    """On an accelerator of known bf16 peak the log adds train/mfu: the step's model FLOPs over the
+    time since the epoch began, over the peak (here a made-up peak and a known elapsed time)."""
+    import time
+
+    import jax.numpy as jnp
+
+    from coconut_jax import costs, loop
+
+    class Sink:
+        events = []
+
+        def log(self, e):
+            self.events.append(e)
+    log = loop.LossLog(Sink(), every=1, peak_flops=1e12)
+    log.clock = (time.time() - 2.0, 0, 0.0)
+    log.add({"step": 1, "losses": {"loss": jnp.float32(1.0)}, "tokens": 100, "flops": 1e12})
+    (e,) = Sink.events
+    assert 0.4 < e["train/mfu"] <= 0.5 and 40 < e["train/tokens_per_s"] <= 50
+    quiet = loop.LossLog(Sink(), every=1)
+    quiet.add({"step": 2, "losses": {"loss": jnp.float32(1.0)}, "tokens": 1, "flops": 0.0})
+    assert "train/mfu" not in Sink.events[-1]
+    assert costs.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and costs.peak_flops("cpu") is None

@@ -236,6 +236,7 @@ def reference_terms(base, decoder, examples, stage, c, mls, tokens, ids):
     return lm_sum, lm_n, st_sum, st_n
 
 
+@pytest.mark.slow  # three evaluations and a PyTorch forward per question
 @pytest.mark.parametrize("stage", [1, 2, 9])
 def test_eval_terms_equal_the_reference_forward(gsm_world, tmp_path, stage):
     """only_eval with only_eval_loss: eval/lm, eval/steps and eval/loss of a Coconut checkpoint (the
@@ -387,3 +388,19 @@ def test_the_simcot_repositorys_yaml_reads_as_method_simcot(tmp_path):
     assert str(e.value) == (f"{path}: SIM-CoT setting(s) training_method='only_expainable_llm' not supported "
                             f"(method=simcot implements explain_mode v1_aug, mode coconutgpt_same_word_embedding, "
                             f"training_method full on Coconut)")
+
+
+@pytest.mark.slow  # two short training runs
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_simcot_trains_on_llama_and_qwen(tmp_path, family):
+    """The decoder is the same family's starting model: a tiny Llama / Qwen through the tiny config."""
+    from coconut_jax.metrics import read_metrics
+    from coconut_jax.train import run_config
+    c = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+    c.update(dict(method="simcot", num_epochs=2, save_path=str(tmp_path), cache_dir=str(tmp_path / "cache")))
+    c.prepare.family = family
+    run, result = run_config(c)
+    assert dict(run.state.part_models)["decoder"].config.vocab_size < run.model.config.vocab_size
+    m = [e for e in read_metrics(os.path.join(run.run_dir, "metrics.jsonl")) if "train/steps" in e]
+    assert any(e["stage"] == 1 and e["train/steps"] > 0 for e in m)
+    assert np.isfinite(result["eval/steps"]) and result["eval/steps"] > 0
