@@ -85,7 +85,7 @@ def replaced_steps(run, ex, stage: int) -> list[list[int]]:
     """The step targets (eos excluded) of a validation example at `stage`, as training builds them."""
     cur, targets = run.cur, run.plan_settings.step_targets
     seqs = data.Sequences.at(data.TokenizedSet.from_examples([ex]), np.array([stage]), cur, run.tokens)
-    plan = StepPlan(targets, seqs, seqs.dropped, np.array([0]), 1, False)
+    plan = StepPlan(targets, seqs, np.array([0]), lambda n: n, False)
     return [g[:-1] for g in plan.groups[0]]
 
 

@@ -12,7 +12,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from coconut_jax import methods
-from coconut_jax.data import OVERLONG_POLICIES
+from coconut_jax.data import OVERLONG_POLICIES, STEP_RULES
 
 # The reference's YAML files say "need 4 gpus": its batch_size_training is per GPU.
 REFERENCE_DEVICES = 4
@@ -129,6 +129,7 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     except ValueError as e:
         raise ConfigError(f"config: {str(e).replace('method ', 'method=', 1)}") from None
     need(c.overlong in OVERLONG_POLICIES, f"overlong={c.overlong!r} is not one of {OVERLONG_POLICIES}")
+    need(c.step_groups in STEP_RULES, f"step_groups={c.step_groups!r} is not one of {', '.join(STEP_RULES)}")
     need(c.wandb_mode in ("online", "offline", "disabled"), f"wandb_mode={c.wandb_mode!r} must be online, offline or disabled")
     for problem in method.config_errors(c):
         need(False, problem)

@@ -9,6 +9,8 @@ outputs that do not reuse a donated argument's buffer.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 # Dense bf16 peak FLOP/s by device kind (vendor figures), for model FLOP utilisation.
@@ -28,17 +30,23 @@ def count(shapes) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 
 
-def model_flops(model, tokens: int, length: int) -> float:
-    """FLOPs of a training step over `tokens` tokens of sequences of `length`: 6 x (the params
-    the matmuls use: all but the position table, the input embedding counted once, as the head)
-    x tokens + the attention matmuls (PaLM's count)."""
+@functools.lru_cache(maxsize=None)
+def _matmul_params(model) -> int:
+    """The params the matmuls use: all but the position table, the input embedding counted
+    once, as the head (per model, once: the run asks every step)."""
     shapes = model.param_shapes()
     n = count(shapes)
     n -= int(np.prod(shapes["wpe"].shape)) if "wpe" in shapes else 0
     n -= int(np.prod(shapes["wte"].shape)) if "lm_head" in shapes else 0
+    return n
+
+
+def model_flops(model, tokens: int, length: int) -> float:
+    """FLOPs of a training step over `tokens` tokens of sequences of `length`: 6 x the matmuls'
+    params x tokens + the attention matmuls (PaLM's count)."""
     cfg = model.config
     width = getattr(cfg, "num_attention_heads", 0) * getattr(cfg, "head_dim", 0) or cfg.n_embd
-    return 6.0 * n * tokens + 12.0 * cfg.n_layer * width * length * tokens
+    return 6.0 * _matmul_params(model) * tokens + 12.0 * cfg.n_layer * width * length * tokens
 
 
 def device_bytes(tree) -> int:
@@ -73,7 +81,7 @@ def _live(mem) -> int:
 
 
 def step_memory(model, layout, update, method, arrays: dict, *, prefix_len: int, n_latent: int,
-                loss_chunk: int = 0, part_models=()) -> dict:
+                loss_chunk: int = 0) -> dict:
     """Per-device memory (GiB) of the training step at one batch shape, from XLA's analysis of
     the two compiled programs: params, optimizer state, gradient accumulator, the micro-batch,
     the larger program's temporaries, and the total live at the step's peak. Compiling here
@@ -84,11 +92,11 @@ def step_memory(model, layout, update, method, arrays: dict, *, prefix_len: int,
     key = (jax.random.key(0), np.int32(0), np.int32(0))
     acc = steps.accumulate.lower(model, layout.trained, layout.acc, arrays, key, method=method,
                                  prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk,
-                                 frozen=layout.frozen, part_models=part_models).compile().memory_analysis()
+                                 frozen=layout.frozen, part_models=layout.part_models).compile().memory_analysis()
     upd = update.lower(layout.trained, layout.opt_state, layout.acc).compile().memory_analysis()
-    parts = layout.trained["parts"] if layout.part_sh else {}
-    params, opt, grads = device_bytes(layout.params) + device_bytes(parts), *(
-        device_bytes(t) for t in (layout.opt_state, layout.acc))
+    parts = layout.trained["parts"] if layout.part_models else {}
+    params = device_bytes(layout.params) + device_bytes(parts)
+    opt, grads = device_bytes(layout.opt_state), device_bytes(layout.acc)
     frozen = device_bytes(layout.frozen) if layout.frozen else 0
     out = {"params_gb": params / GB, "optimizer_gb": opt / GB, "accumulator_gb": grads / GB,
            "batch_gb": device_bytes(arrays) / GB}

@@ -95,12 +95,13 @@ def report_start(run: Run, batch) -> dict:
     steps_shape = batch.extras["step_ids"].shape[1:] if "step_ids" in batch.extras else None
     mem = costs.step_memory(run.model, run.state.layout, run.state.update_fn, run.cur.spec,
                             costs.batch_shapes(mesh, rows, width, steps_shape), prefix_len=batch.prefix_len,
-                            n_latent=batch.n_latent, loss_chunk=c.loss_chunk, part_models=run.state.part_models)
+                            n_latent=batch.n_latent, loss_chunk=c.loss_chunk)
     dev = jax.devices()[0]
     per = rows // run.ctx.data_devices
     run.ctx.say(f"devices: {jax.device_count()} x {dev.device_kind} ({jax.process_count()} process(es)); mesh data="
                 f"{mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}; micro-batch {rows} x "
-                f"{width} tokens ({per} rows per data-parallel device; {c.gradient_accumulation_steps} micro-batch(es) per step)")
+                f"{width} tokens ({per} rows per data-parallel device; "
+                f"{c.gradient_accumulation_steps} micro-batch(es) per step)")
     run.ctx.say("step memory per device: " + ", ".join(f"{k[:-3]} {v:.3g}" for k, v in mem.items()) + " GiB")
     return mem
 
@@ -126,9 +127,7 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
     losses.start_epoch()
     with feed.Prefetch(make, (k for s in starts for k in micro(s)), depth=c.prefetch_batches) as batches:
         for start in bar:
-            tokens = [0]
-
-            flops = [0.0]
+            tokens, flops = [0], [0.0]
 
             def micro_batches():
                 for _ in micro(start):

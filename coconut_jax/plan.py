@@ -61,11 +61,16 @@ def reached_stages(c, cur) -> list[int]:
     return sorted({cur.stage(e) for e in range(c.resume, c.num_epochs)})
 
 
+def _pretrained_config(c):
+    from coconut_jax import hf
+    return hf.load_config(hf.resolve_model_dir(c.model_id))
+
+
 def _model_config(c, tok_len):
     import dataclasses
 
-    from coconut_jax import hf, methods
-    config = hf.load_config(hf.resolve_model_dir(c.model_id))
+    from coconut_jax import methods
+    config = _pretrained_config(c)
     if methods.get(c.method).latent_tokens:
         config = dataclasses.replace(config, vocab_size=tok_len)  # as add_latent_rows sizes it
     return config
@@ -75,17 +80,14 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
     """Per-device memory and compile time of the training step at `stage`."""
     import jax.numpy as jnp
 
-    from coconut_jax import costs, models, steps
+    from coconut_jax import costs, steps
+    from coconut_jax.run import build_model
     spec = cur.spec
-    dtype = jnp.dtype(c.param_dtype)
-
-    def build(cfg):
-        return models.build(cfg, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers, remat=c.remat,
-                            fused_attention=c.fused_attention)
-    model = build(config)
-    part_models = tuple((p.name, build(_part_config(c, p))) for p in spec.parts)
+    model = build_model(c, config)
+    # A part's source is model_id's pretrained model (rundir.load_part_weights): its config.
+    part_models = tuple((p.name, build_model(c, _pretrained_config(c))) for p in spec.parts)
     tx = steps.make_optimizer(c)
-    layout = steps.Layout(model, mesh, tx, dtype, spec.loss, part_models, spec.trains)
+    layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models, spec.trains)
     n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
     rows = c.global_batch_size // c.gradient_accumulation_steps
     step_shape = (n_latent // cur.thoughts_per_step if cur.thoughts_per_step else 0, step_length) \
@@ -94,33 +96,23 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
     t0 = time.perf_counter()
     mem = costs.step_memory(model, layout, steps.make_update(tx, spec.loss, layout), spec,
                             costs.batch_shapes(mesh, rows, length, step_shape), prefix_len=prefix,
-                            n_latent=n_latent if cur.markers else 0, loss_chunk=c.loss_chunk,
-                            part_models=part_models)
+                            n_latent=n_latent if cur.markers else 0, loss_chunk=c.loss_chunk)
     return {"stage": stage, "thoughts": n_latent, **mem, "compile_s": round(time.perf_counter() - t0, 2),
             "tokens_per_step": c.global_batch_size * length}
 
 
-def _part_config(c, part):
-    from coconut_jax import hf
-    return hf.load_config(hf.resolve_model_dir(c.model_id))
-
-
 def eval_plan(c, mesh, cur, config, stage: int, length: int) -> dict:
     """Per-device memory of batched generation at `stage` (prompts of length/2)."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from coconut_jax import coconut, costs, evaluate, models, sharding
-    model = models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
-                         fused_attention=c.fused_attention)
+    from coconut_jax import coconut, costs, evaluate, steps
+    from coconut_jax.run import build_model
+    model = build_model(c, config)  # the run's model: generation runs it as it trains
     rows = evaluate.eval_rows_for(c)
     prompt = length // 2
     n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
     arrays = {k: v for k, v in costs.batch_shapes(mesh, rows, prompt).items() if k != "labels"}
-    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          model.param_shapes(c.param_dtype),
-                          sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(c.param_dtype)))
+    _, params = steps.placed_shapes(model, mesh, c.param_dtype)
     t0 = time.perf_counter()
     mem = coconut.generate.lower(model, params, arrays, np.int32(0), prefix_len=prompt // 2 if n_latent else 0,
                                  n_latent=n_latent if cur.markers else 0,

@@ -110,6 +110,12 @@ def _wandb(c, run_dir: str, writes: bool):
     return wandb.init(project=c.project, name=c.name, mode=c.wandb_mode, config=c.to_dict(), dir=run_dir)
 
 
+def build_model(c, config):
+    """The model of family config `config` as run config `c` runs it (compute dtype, layers)."""
+    return models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers, remat=c.remat,
+                        fused_attention=c.fused_attention)
+
+
 def build_run(ctx: RunContext) -> Run:
     """Weights (the run's own newest good checkpoint, else `load_model_path`, else `model_id`),
     the sharded train state, the datasets, and the position to start from: a resume restores
@@ -122,12 +128,8 @@ def build_run(ctx: RunContext) -> Run:
     own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
     config, params = rundir.load_weights(source, c.model_id, c.method, tok)
-
-    def build(config):
-        return models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers,
-                            remat=c.remat, fused_attention=c.fused_attention)
-    model = build(config)
-    parts = {name: (build(part_config), part_params)
+    model = build_model(c, config)
+    parts = {name: (build_model(c, part_config), part_params)
              for name, (part_config, part_params) in rundir.load_part_weights(source, c.method, c.model_id).items()}
     state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype),
                              loss=cur.spec.loss, parts=parts, trains=cur.spec.trains)

@@ -224,7 +224,6 @@ def load_weights(source: Source, model_id: str, method: str, tok):
     return config, params
 
 
-
 def load_part_weights(source: Source, method: str, model_id: str) -> dict:
     """{name: (model config, host params or None)} of the method's parts (rule 4); params are
     None for a resume, which restores them from the run's own checkpoint."""

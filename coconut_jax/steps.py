@@ -134,19 +134,25 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, shardings)
 
 
+def placed_shapes(model, mesh, dtype=jnp.float32):
+    """(shardings, abstract params with those shardings) of a model's params on the mesh."""
+    shardings = sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(dtype))
+    return shardings, _abstract(model.param_shapes(dtype), shardings)
+
+
 class Layout:
     """Where a run's state lives, with no array allocated: the shapes, dtypes and shardings of
     the model's params, the trained tree (`trainable`), the frozen params, the optimizer state
     and the gradient accumulator. `TrainState` places its arrays by it; `coconut_jax.plan`
-    compiles the step from it alone."""
+    compiles the step from it alone. `part_models`: ((name, model), ...) of the method's parts."""
 
     def __init__(self, model, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),), part_models=(), trains=None):
         self.terms = [t for t, _ in loss]
-        self.param_sh = sharding.param_shardings(mesh, model.logical_axes(), model.param_shapes(param_dtype))
-        self.part_sh = {name: sharding.param_shardings(mesh, m.logical_axes(), m.param_shapes(param_dtype))
-                        for name, m in part_models}
-        self.params = _abstract(model.param_shapes(param_dtype), self.param_sh)
-        parts = {name: _abstract(m.param_shapes(param_dtype), self.part_sh[name]) for name, m in part_models}
+        self.part_models = tuple(part_models)
+        self.param_sh, self.params = placed_shapes(model, mesh, param_dtype)
+        placed = {name: placed_shapes(m, mesh, param_dtype) for name, m in self.part_models}
+        self.part_sh = {name: sh for name, (sh, _) in placed.items()}
+        parts = {name: shapes for name, (_, shapes) in placed.items()}
         model_trained, self.frozen = trainable.split(self.params, trains)
         self.trained = trainable.pack(model_trained, parts)
         self.trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0], self.part_sh)
@@ -193,8 +199,9 @@ class TrainState:
         model's params train (`methods.Method.trains`; None: all)."""
         self.model, self.mesh, self.tx, self.trains = model, mesh, tx, trains
         parts = parts or {}
-        self.part_models = tuple((name, m) for name, (m, _) in sorted(parts.items()))
-        self.layout = lay = Layout(model, mesh, tx, param_dtype, loss, self.part_models, trains)
+        part_models = tuple((name, m) for name, (m, _) in sorted(parts.items()))
+        self.layout = lay = Layout(model, mesh, tx, param_dtype, loss, part_models, trains)
+        self.part_models = lay.part_models
         self.param_sh, self.opt_sh, self.acc_sh = lay.param_sh, lay.opt_sh, lay.acc_sh
         params = self._place(model, params_host, lay.param_sh, param_dtype)
         part_params = {name: self._place(m, parts[name][1], lay.part_sh[name], param_dtype)
@@ -203,7 +210,7 @@ class TrainState:
         self.trained = trainable.pack(model_trained, part_params)
         terms = lay.terms
         self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
-        self._update = self.update_fn = make_update(tx, loss, lay)
+        self.update_fn = make_update(tx, loss, lay)
         self._zeros = jax.jit(lambda p: {"grads": {t: jax.tree.map(jnp.zeros_like, p) for t in terms},
                                          "sums": {t: jnp.float32(0) for t in terms},
                                          "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=lay.acc_sh)
@@ -244,7 +251,7 @@ class TrainState:
         """Applies the accumulated gradient; returns (the step's losses as device scalars: "loss",
         and each term's mean when the loss has several; the accumulator zeroed for the next
         step). `acc` is consumed."""
-        self.trained, self.opt_state, losses, acc = self._update(self.trained, self.opt_state, acc)
+        self.trained, self.opt_state, losses, acc = self.update_fn(self.trained, self.opt_state, acc)
         return losses, acc
 
     def checkpoint_tree(self) -> dict:

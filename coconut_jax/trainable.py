@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 
 
 def names(path) -> tuple[str, ...]:
@@ -68,8 +67,3 @@ def unpack(tree: dict, frozen: dict | None, has_parts: bool) -> tuple[dict, dict
     """(the model's full params, the parts' params) of an optimizer tree and the frozen rest."""
     model_trained, parts = (tree["model"], tree["parts"]) if has_parts else (tree, {})
     return merge(model_trained, frozen), parts
-
-
-def count(tree) -> int:
-    """Number of scalars in a tree."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))

@@ -135,6 +135,21 @@ def _wait_for(proc, ready, what, timeout=300):
         time.sleep(0.05)
 
 
+def kill_at_checkpoint(proc, run_dir, step: int, what: str) -> None:
+    """SIGKILL `proc` once its run has written checkpoint `step`."""
+    _wait_for(proc, lambda: (run_dir / "checkpoints" / str(step)).is_dir(), what)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def assert_same_run(ref_dir, run_dir) -> None:
+    """The restarted run logged what the uninterrupted one logged (but its speed) and ended
+    with bit-identical params."""
+    assert without_speed(read_metrics(run_dir / "metrics.jsonl")) == without_speed(
+        read_metrics(ref_dir / "metrics.jsonl"))
+    jax.tree.map(np.testing.assert_array_equal, stored_params(ref_dir), stored_params(run_dir))
+
+
 def test_coconut_run_killed_twice_resumes_exactly(gsm_chain, world, tmp_path):
     """SIGKILL right after the CoT weights are loaded (before any checkpoint of its own), then
     after a mid-epoch checkpoint; each restart is the same command. The result is the
@@ -151,14 +166,10 @@ def test_coconut_run_killed_twice_resumes_exactly(gsm_chain, world, tmp_path):
     proc.wait()
     assert not (run / "checkpoints").is_dir() or not [n for n in os.listdir(run / "checkpoints") if n.isdigit()]
     proc = run_cli(tmp_path, *args, config="configs/gsm.py", popen=True)
-    _wait_for(proc, lambda: (run / "checkpoints" / "7").is_dir(), "a mid-epoch checkpoint of the second epoch")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, run, 7, "a mid-epoch checkpoint of the second epoch")
     r = run_cli(tmp_path, *args, config="configs/gsm.py")
     assert "resumed from" in r.stdout
-    ref = read_metrics(root / "gsm-coconut" / "metrics.jsonl")
-    assert without_speed(read_metrics(run / "metrics.jsonl")) == without_speed(ref)
-    jax.tree.map(np.testing.assert_array_equal, stored_params(root / "gsm-coconut"), stored_params(run))
+    assert_same_run(root / "gsm-coconut", run)
 
 
 def test_preempted_on_4_devices_resumed_on_2_continues_the_one_device_run(tiny_run, tmp_path):
@@ -168,9 +179,7 @@ def test_preempted_on_4_devices_resumed_on_2_continues_the_one_device_run(tiny_r
     args = ("--config.checkpoint_every_steps=1",)
     proc = run_cli(tmp_path, *args, "--config.mesh.data=2", "--config.mesh.fsdp=2", devices=4, popen=True)
     run = tmp_path / "tiny"
-    _wait_for(proc, lambda: (run / "checkpoints" / "6").is_dir(), "a mid-epoch checkpoint of the second epoch")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, run, 6, "a mid-epoch checkpoint of the second epoch")
     r = run_cli(tmp_path, *args, "--config.mesh.data=1", "--config.mesh.fsdp=2", devices=2)
     assert "resumed from" in r.stdout and "epoch 2, batch 2" in r.stdout
     assert_first_epochs_match(tiny_run, run, ("train/loss", "eval/loss", "eval/acc"), epochs=3)

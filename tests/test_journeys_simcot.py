@@ -3,7 +3,6 @@ config files (tiny data and model), the SIM-CoT run killed and restarted, the sa
 devices, `--decode-steps`, and `--config.method=simcot` on the ProsQA and ProntoQA configs."""
 import json
 import os
-import signal
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ import pytest
 
 from coconut_jax import checkpoint
 from coconut_jax.metrics import read_metrics
-from tests.conftest import ROOT, built_once, cli_command, run_cli, stored_params
-from tests.test_journeys import SIZES, _wait_for, data_paths, evals, gsm_chain, without_speed, world  # noqa: F401
+from tests.conftest import ROOT, built_once, cli_command, run_cli
+from tests.test_journeys import (SIZES, assert_same_run, data_paths, evals, gsm_chain,  # noqa: F401
+                                 kill_at_checkpoint, world)
 
 pytestmark = pytest.mark.slow
 
@@ -80,17 +80,13 @@ def test_simcot_run_killed_resumes_exactly(simcot_chain, world, tmp_path):
     metrics.jsonl and bit-identical base and decoder."""
     root, out, _ = simcot_chain
     args = (*simcot_args(world, root), "--config.checkpoint_every_steps=1")
-    # The uninterrupted run with the same checkpoint cadence (checkpoints do not change a figure).
+    # Checkpointing every step changes no figure: the chain's run (epoch ends only) is the reference.
     proc = run_cli(tmp_path, *args, config="configs/gsm_simcot.py", popen=True)
     run = tmp_path / "gsm-simcot"
-    _wait_for(proc, lambda: (run / "checkpoints" / "7").is_dir(), "a mid-epoch checkpoint of the second epoch")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(proc, run, 7, "a mid-epoch checkpoint of the second epoch")
     r = run_cli(tmp_path, *args, config="configs/gsm_simcot.py")
     assert "resumed from" in r.stdout
-    ref = read_metrics(out / "gsm-simcot" / "metrics.jsonl")
-    assert without_speed(read_metrics(run / "metrics.jsonl")) == without_speed(ref)
-    jax.tree.map(np.testing.assert_array_equal, stored_params(out / "gsm-simcot"), stored_params(run))
+    assert_same_run(out / "gsm-simcot", run)
     a, b = (checkpoint.load_params(str(d / "checkpoints"), checkpoint.steps(str(d / "checkpoints"))[-1], "parts")
             for d in (out / "gsm-simcot", run))
     jax.tree.map(np.testing.assert_array_equal, a, b)

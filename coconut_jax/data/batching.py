@@ -139,11 +139,10 @@ class EpochPlan:
                                  f"training sequences at stage {self.stage}")
         order = epoch_order(len(ts), s.seed, self.epoch) if self.shuffle else np.arange(len(ts))
         self._order = order[keep[order]]
-        self._steps = None if s.step_targets is None else StepPlan(
-            s.step_targets, self.seqs, self.seqs.dropped, self._order, s.multiple,
-            bool(s.static_shapes if self.static_shapes is None else self.static_shapes))
-        self._min_prefix = self._min_width = 0
         static = s.static_shapes if self.static_shapes is None else self.static_shapes
+        self._steps = None if s.step_targets is None else StepPlan(
+            s.step_targets, self.seqs, self._order, lambda n: round_up(n, s.multiple), bool(static))
+        self._min_prefix = self._min_width = 0
         if static and len(self._order):
             firsts, lengths = self._firsts[self._order], self._lengths[self._order]
             self._min_prefix = int(firsts.max(initial=0))

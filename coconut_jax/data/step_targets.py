@@ -18,6 +18,7 @@ are merged into one (a newline between a `>>` and the `<<` after it, between any
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -139,17 +140,17 @@ class StepTargets:
 
 class StepPlan:
     """The step targets of an epoch plan's records, parsed once per plan and padded into
-    `step_ids`/`step_mask` arrays [rows, groups, length] batch by batch."""
+    `step_ids`/`step_mask` arrays [rows, groups, length] batch by batch. `pad(n)`: the length
+    an array of n tokens is padded to (the plan's length buckets)."""
 
-    def __init__(self, targets: StepTargets, seqs, dropped: np.ndarray, rows: np.ndarray, multiple: int,
-                 static: bool):
-        self.targets, self.multiple = targets, multiple
+    def __init__(self, targets: StepTargets, seqs, rows: np.ndarray, pad: Callable[[int], int], static: bool):
+        self.targets, self.pad = targets, pad
         ts, per = seqs.ts, targets.thoughts_per_step
         self.groups: dict[int, list[list[int]]] = {}
         for i in rows.tolist():
             n_groups = int(seqs.n_latent[i]) // per if per else 0
             first_step = int(ts.records[i]) + 1
-            replaced = [ts.piece(j) for j in range(first_step, first_step + int(dropped[i]))]
+            replaced = [ts.piece(j) for j in range(first_step, first_step + int(seqs.dropped[i]))]
             tail = ts.tokens[seqs.tail_start[i]:seqs.tail_start[i] + seqs.tail_len[i]].tolist()
             filler = tail[:tail.index(targets.ids.eos)] if targets.ids.eos in tail else tail
             self.groups[i] = targets.groups(replaced, filler, n_groups)
@@ -158,9 +159,8 @@ class StepPlan:
             self.static = (max(len(g) for g in self.groups.values()), self._length(list(self.groups)))
 
     def _length(self, rows) -> int:
-        from coconut_jax.data.batching import round_up  # batching builds this plan
         longest = max((len(t) for i in rows for t in self.groups.get(i, [])), default=0)
-        return round_up(longest + 1, self.multiple)  # the reference pads each group to its longest + 1
+        return self.pad(longest + 1)  # the reference pads each group to its longest + 1
 
     def arrays(self, rows, share: int, all_rows) -> dict[str, np.ndarray]:
         """`step_ids` (eos-padded) and `step_mask` (1 on each target's tokens and its eos) of

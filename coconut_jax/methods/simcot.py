@@ -50,13 +50,6 @@ def step_nll(model, params, decoder, decoder_params, hidden, arrays, prefix_len:
 
 @dataclasses.dataclass(frozen=True)
 class SimCoT(Method):
-    def config_errors(self, c) -> list[str]:
-        from coconut_jax.data.step_targets import RULES
-        errors = super().config_errors(c)
-        if c.step_groups not in RULES:
-            errors.append(f"step_groups={c.step_groups!r} is not one of {', '.join(RULES)}")
-        return errors
-
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
                    loss_chunk: int = 0, parts=None) -> dict:
         from coconut_jax import coconut
