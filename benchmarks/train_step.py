@@ -1,13 +1,14 @@
 """The compiled training step: compile time, XLA's temporary memory, and time per step, for
 the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
-    python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b] [--batch B --length T] [--bf16]
-                                    [--param-dtype bfloat16] [--time] [--repeats 5]
-                                    [--modes before,after,after_remat] [--simcot]
+    python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b|llama3b|llama8b] [--batch B --length T]
+                                    [--bf16] [--param-dtype bfloat16] [--time] [--repeats 5]
+                                    [--modes before,after,after_remat] [--simcot] [--lora R] [--no-full]
 
 Shapes: `tiny` and `llama_tiny` run on 2 CPU cores (a 2-layer GPT-2; a 2-layer Llama with
 grouped-query attention, RoPE with llama3 scaling and an untied head); `gpt2` is GPT-2 small,
-`llama1b` Llama-3.2-1B (batch 8 x 512; compile only, for its memory, on a small machine).
+`llama1b`, `llama3b`, `llama8b` Llama-3.2-1B, Llama-3.2-3B and Llama-3.1-8B (batch 8 x 512;
+compile only, for their memory, on a small machine).
 Modes (one model, the same computation):
   before       layers a Python loop, per-segment attention, the loss over full f32 logits
   after        layers one lax.scan, jax.nn.dot_product_attention where no attention dropout
@@ -22,6 +23,10 @@ and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + a
 `--simcot` adds, at each thought count, the SIM-CoT step (Coconut's plus the step decoder, a
 second copy of the model without the latent rows, over the thoughts' groups of 2 and 24-token
 steps) and its ratio to the Coconut step (`{mode}_simcot_over_coconut@N`).
+`--lora R` adds the LoRA step (`{mode}@N+lora`): adapters of rank R on every projection and the
+three latent rows train in f32 (dropout --lora-dropout, default 0.1, on the adapters' input), the base (stored in --param-dtype) is an argument that gets no
+gradient and no optimizer state; with `--time`, its ratio to the full step
+(`{mode}_lora_over_full@N`). `--no-full` leaves the full fine-tuning step out (8B shapes).
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -36,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coconut_jax import coconut, data, methods, models
+from coconut_jax import coconut, data, methods, models, trainable
 from coconut_jax.costs import count, model_flops, peak_flops
+from coconut_jax.models import lora as lora_lib
 from coconut_jax.models.gpt2 import GPT2Config
 from coconut_jax.models.llama import LlamaConfig
 
@@ -53,6 +59,11 @@ SHAPES = {
                                                         ("original_max_position_embeddings", 64))),
                        batch=8, length=256),
     "llama1b": dict(config=LlamaConfig(vocab_size=128259), batch=8, length=512),  # + the 3 latent tokens
+    "llama3b": dict(config=LlamaConfig(vocab_size=128259, hidden_size=3072, num_hidden_layers=28,
+                                       num_attention_heads=24, head_dim=128), batch=8, length=512),
+    "llama8b": dict(config=LlamaConfig(vocab_size=128259, hidden_size=4096, intermediate_size=14336,
+                                       num_hidden_layers=32, num_attention_heads=32, head_dim=128,
+                                       tie_word_embeddings=False), batch=8, length=512),
 }
 MODES = {
     "before": dict(model=dict(scan_layers=False, fused_attention=False), loss_chunk=0),
@@ -85,6 +96,29 @@ def step_fn(model, tx, b, loss_chunk, feedback):
         u, o = tx.update(g, o, p)
         return optax.apply_updates(p, u), o, value
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def lora_step_fn(model, tx, b, loss_chunk, feedback):
+    """The LoRA step: the trained tree (adapters, latent rows) updated; the frozen base an
+    argument with no gradient and no optimizer state."""
+    def loss(t, frozen, arrays, key):
+        s, n = coconut.loss_terms(model, trainable.merge(t, frozen), arrays, b.prefix_len, b.n_latent,
+                                  feedback=feedback, dropout_key=key, loss_chunk=loss_chunk)
+        return s / n
+
+    def step(t, o, frozen, arrays, key):
+        value, g = jax.value_and_grad(loss)(t, frozen, arrays, key)
+        u, o = tx.update(g, o, t)
+        return optax.apply_updates(t, u), o, value
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def lora_model(cfg, rank: int, dtype=jnp.float32, dropout: float = 0.1, **kw):
+    family = models.family(models.model_type(cfg))
+    v = cfg.vocab_size
+    lora = lora_lib.Lora(rank, 2.0 * rank, dropout, lora_lib.resolve_targets(family, ()),
+                         token_ids=(v - 3, v - 2, v - 1))
+    return models.build(cfg, dtype, lora=lora, **kw)
 
 
 def step_arrays(batch: int, n_thoughts: int, vocab: int, length: int = 32, written: int = 24) -> dict:
@@ -132,6 +166,9 @@ def main():
     p.add_argument("--modes", default="before,after,after_remat")
     p.add_argument("--thoughts", default="0,6")
     p.add_argument("--simcot", action="store_true", help="also the SIM-CoT step at each thought count > 0")
+    p.add_argument("--lora", type=int, default=0, help="also the LoRA step with adapters of this rank")
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input")
+    p.add_argument("--no-full", action="store_true", help="leave the full fine-tuning step out")
     a = p.parse_args()
     spec = SHAPES[a.shapes]
     cfg = spec["config"]
@@ -146,10 +183,16 @@ def main():
     decoder_cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size - 3)  # the pretrained vocabulary
     abstract_sim = (abstract, models.build(decoder_cfg).param_shapes(a.param_dtype))
     abstract_sim_opt = jax.eval_shape(tx.init, abstract_sim)
+    if a.lora:
+        lm = lora_model(cfg, a.lora, dropout=a.lora_dropout)
+        lora_trains = lora_lib.trains(lm.lora)
+        abstract_lora, abstract_frozen = trainable.split(lm.param_shapes(a.param_dtype), lora_trains)
+        abstract_lora_opt = jax.eval_shape(tx.init, abstract_lora)
     kind = jax.devices()[0].device_kind
     out = {"device": kind, "backend": jax.default_backend(), "shape": a.shapes, "batch": batch, "length": length,
            "family": models.model_type(cfg), "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab": cfg.vocab_size,
            "params_m": round(count(abstract) / 1e6, 1),
+           **({"lora_rank": a.lora, "lora_dropout": a.lora_dropout, "lora_trained_m": round(count(abstract_lora) / 1e6, 2)} if a.lora else {}),
            "dtype": jnp.dtype(dtype).name, "param_dtype": a.param_dtype, "dropout": not a.no_dropout}
     compiled, batches = {}, {}
     for n in (int(x) for x in a.thoughts.split(",")):
@@ -159,17 +202,22 @@ def main():
         for mode in a.modes.split(","):
             m = MODES[mode]
             model = models.build(cfg, dtype, **m["model"])
-            variants = [(f"{mode}@{n}", step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0), abstract,
-                         abstract_opt, arrays)]
+            variants = [] if a.no_full else [
+                (f"{mode}@{n}", step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0), (abstract, abstract_opt),
+                 arrays)]
+            if a.lora:
+                variants.append((f"{mode}@{n}+lora", lora_step_fn(lora_model(cfg, a.lora, dtype, a.lora_dropout, **m["model"]), tx, b,
+                                                                  m["loss_chunk"], feedback=n > 0),
+                                 (abstract_lora, abstract_lora_opt, abstract_frozen), arrays))
             if a.simcot and n > 0:
                 decoder = models.build(decoder_cfg, dtype, **m["model"])
                 sim_arrays = {**arrays, **{k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                            for k, v in step_arrays(batch, n, cfg.vocab_size).items()}}
                 variants.append((f"{mode}@{n}+simcot", simcot_step_fn(model, decoder, tx, b, m["loss_chunk"]),
-                                 abstract_sim, abstract_sim_opt, sim_arrays))
-            for name, fn, params_shape, opt_shape, arrays_shape in variants:
+                                 (abstract_sim, abstract_sim_opt), sim_arrays))
+            for name, fn, state_shapes, arrays_shape in variants:
                 t0 = time.perf_counter()
-                c = fn.lower(params_shape, opt_shape, arrays_shape, jax.random.key(0)).compile()
+                c = fn.lower(*state_shapes, arrays_shape, jax.random.key(0)).compile()
                 secs = time.perf_counter() - t0
                 mem = c.memory_analysis()
                 compiled[name] = c
@@ -184,7 +232,16 @@ def main():
         decoder_params = jax.tree.map(lambda x: x.astype(a.param_dtype), models.build(decoder_cfg).init(1))
         times = {name: [] for name in compiled}
 
+        if a.lora:
+            lm = lora_model(cfg, a.lora)
+            lora_params = trainable.split(jax.tree.map(jnp.asarray, lora_lib.attach(lm, jax.tree.map(
+                np.asarray, models.build(cfg).init(0)))), lora_lib.trains(lm.lora))
+            lora_params = (lora_params[0], jax.tree.map(lambda x: x.astype(a.param_dtype), lora_params[1]))
+
         def initial(name):
+            if name.endswith("+lora"):
+                t, frozen = lora_params
+                return jax.tree.map(jnp.array, t), tx.init(t), frozen
             t = (params, decoder_params) if name.endswith("+simcot") else params
             return jax.tree.map(jnp.array, t), tx.init(t)
         state = {name: initial(name) for name in compiled}
@@ -194,12 +251,12 @@ def main():
         for r in range(a.repeats + 1):  # the first round warms up
             for name, c in compiled.items():
                 n = int(name.split("@")[1].split("+")[0])
-                p_, o_ = state[name]
+                st = state[name]
                 t0 = time.perf_counter()
-                p_, o_, loss = c(p_, o_, sim_arrays[n] if name.endswith("+simcot") else device_arrays[n],
+                p_, o_, loss = c(*st, sim_arrays[n] if name.endswith("+simcot") else device_arrays[n],
                                  jax.random.key(r))
                 jax.block_until_ready(loss)
-                state[name] = (p_, o_)
+                state[name] = (p_, o_, *st[2:])
                 if r:
                     times[name].append(time.perf_counter() - t0)
         peak = peak_flops(kind)
@@ -209,7 +266,7 @@ def main():
             med = float(np.median(ts))
             out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
                              tokens_per_s=round(tokens / med))
-            if peak and a.bf16 and not name.endswith("+simcot"):  # the count is the base model's
+            if peak and a.bf16 and not name.endswith(("+simcot", "+lora")):  # the count is the base model's
                 out[name]["mfu"] = round(model_flops(models.build(cfg), tokens, batches[n].input_ids.shape[1])
                                          / med / peak, 3)
         for name in times:
@@ -217,6 +274,11 @@ def main():
                 mode, n = name[:-len("+simcot")].split("@")
                 out[f"{mode}_simcot_over_coconut@{n}"] = round(out[name]["step_s_median"]
                                                                / out[f"{mode}@{n}"]["step_s_median"], 3)
+        for name in times:
+            if name.endswith("+lora") and name[:-len("+lora")] in times:
+                mode, n = name[:-len("+lora")].split("@")
+                out[f"{mode}_lora_over_full@{n}"] = round(out[name]["step_s_median"]
+                                                          / out[f"{mode}@{n}"]["step_s_median"], 3)
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
                 out[f"{mode}_6_thoughts_over_plain"] = round(out[f"{mode}@6"]["step_s_median"]

@@ -76,6 +76,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.fused_attention = True           # jax.nn.dot_product_attention where no attention dropout applies
     c.loss_chunk = 128                 # loss over this many positions at a time (0: all logits at once)
     c.param_dtype = "float32"          # "bfloat16": params, gradients and Adam moments in bf16
+    # LoRA (docs/lora.md): rank 0 trains every weight. rank > 0 freezes the base (stored in
+    # param_dtype, never in a checkpoint) and trains adapters of that rank on `targets` (Hugging
+    # Face module names as PEFT takes them, e.g. ("q_proj", "v_proj"); () = every projection of
+    # attention and MLP), scaled by alpha / rank, with dropout on their input while training,
+    # plus what the method trains beside them (Coconut: its three tokens' embedding rows) or,
+    # with train_embeddings, the whole embedding and head. Defaults follow CODI (alpha 32, dropout 0.1).
+    c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 32.0, "dropout": 0.1, "targets": (),
+                                        "train_embeddings": False})
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa". The data,
     # like the initial weights and the order, follow `seed`.
     c.prepare = ml_collections.ConfigDict({
@@ -154,6 +162,9 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     need(c.remat in ("none", "dots", "full"), f"remat={c.remat!r} must be none, dots or full")
     need(c.loss_chunk >= 0, f"loss_chunk={c.loss_chunk} must be >= 0 (0: unchunked)")
     need(c.param_dtype in ("float32", "bfloat16"), f"param_dtype={c.param_dtype!r} must be float32 or bfloat16")
+    need(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be >= 0 (0: no LoRA)")
+    need(c.lora.alpha > 0, f"lora.alpha={c.lora.alpha} must be > 0")
+    need(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout} must be in [0, 1)")
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path is None), "only_eval needs load_model_path")

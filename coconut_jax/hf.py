@@ -8,6 +8,7 @@ exports params back to a directory that `transformers` loads.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -324,14 +325,11 @@ def _hf_config_dict(config, tok) -> dict[str, Any]:
     return d
 
 
-def export_hf(config, params: Params, out_dir: str, tokenizer=None, overwrite: bool = False) -> str:
-    """Writes a directory that the family's `...ForCausalLM.from_pretrained` (and
-    `AutoTokenizer`) load.
-
-    Written to a temporary sibling and renamed into place, so a crash never leaves a half
-    directory; an existing non-empty `out_dir` is an error unless `overwrite`.
-    """
-    from safetensors.numpy import save_file
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False):
+    """Yields a temporary sibling of `out_dir` to fill, renamed into place when the block ends
+    (a crash never leaves a half directory); an existing non-empty `out_dir` is a
+    FileExistsError unless `overwrite`."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
@@ -339,15 +337,28 @@ def export_hf(config, params: Params, out_dir: str, tokenizer=None, overwrite: b
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     try:
-        save_file(params_to_state_dict(params, config), os.path.join(tmp, SAFETENSORS), metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(_hf_config_dict(config, tokenizer), f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
+
+
+def write_hf(config, params: Params, out_dir: str, tokenizer=None) -> None:
+    """The model files (config.json, safetensors, and the tokenizer's) into an existing directory."""
+    from safetensors.numpy import save_file
+    save_file(params_to_state_dict(params, config), os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(_hf_config_dict(config, tokenizer), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def export_hf(config, params: Params, out_dir: str, tokenizer=None, overwrite: bool = False) -> str:
+    """Writes a directory that the family's `...ForCausalLM.from_pretrained` (and
+    `AutoTokenizer`) load, atomically (`atomic_dir`)."""
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_hf(config, params, tmp, tokenizer)
+    return os.path.abspath(out_dir)

@@ -76,18 +76,27 @@ def _model_config(c, tok_len):
     return config
 
 
+def _lora_tokens(spec, config) -> tuple[int, ...]:
+    """The rows LoRA trains beside the adapters: their number is what counts here (the latent
+    tokens are the tokenizer's last three)."""
+    from coconut_jax.latent_vocab import LatentTokens
+    v = config.vocab_size
+    return spec.lora_tokens(LatentTokens(start=v - 3, end=v - 2, latent=v - 1, eos=0, pad=0))
+
+
 def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) -> dict:
     """Per-device memory and compile time of the training step at `stage`."""
     import jax.numpy as jnp
 
     from coconut_jax import costs, steps
-    from coconut_jax.run import build_model
+    from coconut_jax.run import build_model, trains
     spec = cur.spec
-    model = build_model(c, config)
+    model = build_model(c, config, _lora_tokens(spec, config))
     # A part's source is model_id's pretrained model (rundir.load_part_weights): its config.
-    part_models = tuple((p.name, build_model(c, _pretrained_config(c))) for p in spec.parts)
+    part_models = tuple((p.name, build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
     tx = steps.make_optimizer(c)
-    layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models, spec.trains)
+    layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models,
+                          trains(model, spec))
     n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
     rows = c.global_batch_size // c.gradient_accumulation_steps
     step_shape = (n_latent // cur.thoughts_per_step if cur.thoughts_per_step else 0, step_length) \
@@ -107,7 +116,7 @@ def eval_plan(c, mesh, cur, config, stage: int, length: int) -> dict:
 
     from coconut_jax import coconut, costs, evaluate, steps
     from coconut_jax.run import build_model
-    model = build_model(c, config)  # the run's model: generation runs it as it trains
+    model = build_model(c, config, _lora_tokens(cur.spec, config))  # generation runs it as it trains
     rows = evaluate.eval_rows_for(c)
     prompt = length // 2
     n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from coconut_jax import checkpoint, config as config_lib, data, hf, latent_vocab, models, rundir, sharding, steps
+from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
 
@@ -57,6 +58,7 @@ class Run:
     tokens: latent_vocab.LatentTokens
     model: object
     state: steps.TrainState
+    base: dict | None           # a LoRA run's base record (rundir.base_record); None otherwise
     val_records: list
     val_examples: data.TokenizedSet
     train_examples: data.TokenizedSet | list
@@ -110,10 +112,24 @@ def _wandb(c, run_dir: str, writes: bool):
     return wandb.init(project=c.project, name=c.name, mode=c.wandb_mode, config=c.to_dict(), dir=run_dir)
 
 
-def build_model(c, config):
-    """The model of family config `config` as run config `c` runs it (compute dtype, layers)."""
+def build_model(c, config, lora_tokens=(), lora: bool = True):
+    """The model of family config `config` as run config `c` runs it (compute dtype, layers,
+    and LoRA's adapters unless `lora` is False; `lora_tokens`: the rows that train beside
+    them, `Method.lora_tokens`). A LoRA target the family lacks is a ConfigError."""
+    adapters = None
+    if lora:
+        adapters = config_lib.checked(lora_lib.from_config, c, models.family(models.model_type(config)), lora_tokens)
     return models.build(config, jnp.bfloat16 if c.bf16 else jnp.float32, scan_layers=c.scan_layers, remat=c.remat,
-                        fused_attention=c.fused_attention)
+                        fused_attention=c.fused_attention, lora=adapters)
+
+
+def trains(model, method):
+    """Which of the model's params train: the method's choice, and under LoRA only what LoRA
+    trains of it (None: all)."""
+    if model.lora is None:
+        return method.trains
+    adapters = lora_lib.trains(model.lora)
+    return lambda path: adapters(path) and method.trains(path)
 
 
 def build_run(ctx: RunContext) -> Run:
@@ -127,12 +143,16 @@ def build_run(ctx: RunContext) -> Run:
     tokens = latent_vocab.latent_tokens(tok)
     own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
-    config, params = rundir.load_weights(source, c.model_id, c.method, tok)
-    model = build_model(c, config)
-    parts = {name: (build_model(c, part_config), part_params)
+    config, params, base = _weights(c, source, tok)
+    # An evaluation alone trains nothing: no adapters (a hand-off from a LoRA run arrives merged).
+    model = build_model(c, config, cur.spec.lora_tokens(tokens), lora=not c.only_eval)
+    if model.lora is not None:
+        params = lora_lib.attach(model, params, c.seed)
+    parts = {name: (build_model(c, part_config, lora=False), part_params)
              for name, (part_config, part_params) in rundir.load_part_weights(source, c.method, c.model_id).items()}
     state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype),
-                             loss=cur.spec.loss, parts=parts, trains=cur.spec.trains)
+                             loss=cur.spec.loss, parts=parts, trains=trains(model, cur.spec),
+                             base_in_checkpoint=model.lora is None)
     val_records, val_examples = data.load_dataset(
         c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
     train_examples = [] if c.only_eval else data.load_dataset(
@@ -147,7 +167,7 @@ def build_run(ctx: RunContext) -> Run:
     settings = data.PlanSettings(seed=c.seed, batch_size=ctx.micro, multiple=c.pad_to_multiple,
                                  max_len=model.config.n_positions, overlong=c.overlong, static_shapes=c.static_shapes,
                                  host=jax.process_index(), num_hosts=jax.process_count(), step_targets=targets)
-    run = Run(ctx, cur, tok, tokens, model, state, val_records, val_examples, train_examples, settings,
+    run = Run(ctx, cur, tok, tokens, model, state, base, val_records, val_examples, train_examples, settings,
               Position(epoch=c.resume))
     if source.kind == "resume":
         resume(run)
@@ -155,6 +175,22 @@ def build_run(ctx: RunContext) -> Run:
         ctx.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
         ctx.say(f"weights from {source.describe() or c.model_id}")
     return run
+
+
+def _weights(c, source, tok):
+    """(model config, host params, LoRA base record or None) a run starts from. Under LoRA the
+    params are the frozen base, which a resume rebuilds from the source its checkpoint
+    records (and checks against the digest recorded with it)."""
+    if not c.lora.rank or c.only_eval:
+        return (*rundir.load_weights(source, c.model_id, c.method, tok), None)
+    base_source, recorded = source, None
+    if source.kind == "resume":
+        base_source, recorded = rundir.recorded_base(source)
+    config, params = rundir.load_weights(base_source, c.model_id, c.method, tok)
+    digest = lora_lib.digest(params)
+    if recorded is not None:
+        rundir.check_base(digest, recorded, source, base_source)
+    return config, params, rundir.base_record(base_source, c.model_id, digest)
 
 
 def resume(run: Run) -> None:
@@ -177,5 +213,7 @@ def save(run: Run, end_of_epoch: bool, eval_acc: float | None = None, best: bool
     meta = {"step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
             "stage": run.cur.stage(at.epoch), "metrics_count": ctx.sink.count, "best_acc": at.best_acc,
             "eval_acc": eval_acc, "method": run.c.method}
+    if run.base is not None:
+        meta.update(base=run.base, lora=rundir.lora_settings(run.model))
     ctx.ckpt.save(at.step, run.state.checkpoint_tree(), meta, end_of_epoch=end_of_epoch,
                   best_acc=eval_acc if best else None)

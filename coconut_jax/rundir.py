@@ -16,6 +16,10 @@ The rules, in the order they apply (SPEC §7 and the reference's `run.py`):
 4. **A method's parts** (modules it adds beside the model, `methods.Part`) resume with the
    run; on a hand-off they come from the checkpoint of ours when it holds them, else from
    their source (`model_id`'s pretrained weights, at its own vocabulary).
+5. **A LoRA run's checkpoints hold what trains**, with a record of the base (its source and a
+   digest of its weights): a resume rebuilds the base from that source and refuses one whose
+   digest differs; a hand-off from it, an export or a question asked of it reads the base with
+   the adapters merged (`checkpoint_params`).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ RUN_FILE = "run.json"
 # a restart. `load_model_path` and `resume` are left out on purpose: rule 2 ignores them.
 TRAIN_FIELDS = ("method", "model_id", "train_path", "val_path", "c_thought", "max_latent_stage",
                 "epochs_per_stage", "pad_latent_to_max", "uniform_prob", "seed", "global_batch_size", "prepare")
+LORA_FIELDS = ("rank", "alpha", "dropout", "targets", "train_embeddings")
 # An evaluation is defined by what it evaluates, on what, at which stage.
 EVAL_FIELDS = ("method", "model_id", "val_path", "c_thought", "max_latent_stage", "pad_latent_to_max",
                "load_model_path", "resume", "prepare")
@@ -60,7 +65,10 @@ def identity(c) -> dict:
         fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
     if methods.get(c.method).step_targets:
         fields += ("step_groups",)  # only then: runs of other methods keep the identity they had
-    return {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
+    ident = {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
+    if c.lora.rank and not c.only_eval:  # only then, likewise
+        ident["lora"] = {f: _plain(c.lora[f]) for f in LORA_FIELDS}
+    return ident
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -175,28 +183,86 @@ def shape_differences(stored: dict, expected: dict) -> list[str]:
     return [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def _load_ours(source: Source, config, method: str, model_id: str):
-    """The params of another run's checkpoint step; a damaged one is an error naming it (a
-    hand-off never falls back to other weights)."""
+def _read_meta(source: Source) -> dict:
+    try:
+        return checkpoint.read_meta(source.path, source.step)
+    except (OSError, ValueError) as e:  # its meta file is missing or does not parse
+        raise RunDirError(f"load_model_path={source.describe()}: damaged checkpoint (meta: {cause(e)})") from e
+
+
+def _load_ours(source: Source, config, method: str, model_id: str, tok):
+    """The params of another run's checkpoint step (a LoRA run's merged onto its base); a
+    damaged one is an error naming it (a hand-off never falls back to other weights)."""
     from coconut_jax import models
     where = f"load_model_path={source.describe()}"
+    meta = _read_meta(source)
+    check_method(meta.get("method"), method, where)
     try:
-        source_method = checkpoint.read_meta(source.path, source.step).get("method")
         stored = checkpoint.param_shapes(source.path, source.step)
+        if "lora" not in meta:
+            expected = models.build(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
+            diff = shape_differences(stored, expected)
+            if diff:
+                raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "
+                                  f"({len(diff)} tensor(s) differ: {'; '.join(diff[:3])})")
+        return checkpoint_params(source, model_id, tok)[1]
     except checkpoint.DamagedCheckpoint as e:
         raise RunDirError(f"{where}: damaged checkpoint ({e.why})") from e
-    except (OSError, ValueError) as e:  # its meta file is missing or does not parse
-        raise RunDirError(f"{where}: damaged checkpoint (meta: {cause(e)})") from e
-    check_method(source_method, method, where)
-    expected = models.build(dataclasses.replace(config, vocab_size=stored["wte"][0])).param_shapes()
-    diff = shape_differences(stored, expected)
-    if diff:
-        raise RunDirError(f"{where}: its weights do not fit model_id={model_id!r} "
-                          f"({len(diff)} tensor(s) differ: {'; '.join(diff[:3])})")
-    try:
-        return checkpoint.load_params(source.path, source.step)
-    except checkpoint.DamagedCheckpoint as e:
-        raise RunDirError(f"{where}: damaged checkpoint ({e.why})") from e
+
+
+# -- LoRA: the base a run's adapters were trained on (rule 5) --------------------------------
+
+def base_record(source: Source, model_id: str, digest: str) -> dict:
+    """What a LoRA checkpoint records of its base: where it came from and its digest."""
+    return {"source": dataclasses.asdict(source), "model_id": model_id, "digest": digest}
+
+
+def lora_settings(model) -> dict:
+    """A LoRA model's `Lora`, as a checkpoint's metadata records it."""
+    return {**dataclasses.asdict(model.lora), "targets": list(model.lora.targets),
+            "token_ids": list(model.lora.token_ids)}
+
+
+def recorded_base(source: Source) -> tuple[Source, str]:
+    """(the base's source, its digest) that a LoRA checkpoint step records."""
+    base = _read_meta(source).get("base")
+    if base is None:
+        raise RunDirError(f"{source.describe()}: a LoRA run's checkpoint without its base record")
+    return Source(**base["source"]), base["digest"]
+
+
+def check_base(digest: str, recorded: str, source: Source, base: Source) -> None:
+    if digest != recorded:
+        raise RunDirError(f"{source.describe()}: its LoRA adapters were trained on another base than "
+                          f"{base.describe() or 'model_id'} gives now (digest {digest} vs {recorded}); restore "
+                          f"it onto the base it was trained on")
+
+
+def checkpoint_params(source: Source, model_id: str, tok, merge: bool = True) -> tuple[object, dict, object]:
+    """(model config, host f32 params) of one of our checkpoint steps (of a run on `model_id`)
+    as a plain model: a LoRA
+    run's trained params merged onto its rebuilt base (checked against its digest), the
+    adapters folded into the kernels. What a hand-off, an export and a question read.
+
+    The third value is the LoRA model (None for a run without LoRA); with `merge=False` the
+    params are that model's, adapters unmerged (what a PEFT export writes)."""
+    from coconut_jax import hf, models, trainable
+    from coconut_jax.models import lora as lora_lib
+    meta = _read_meta(source)
+    trained = checkpoint.load_params(source.path, source.step)
+    if "lora" not in meta:
+        config = hf.load_config(hf.resolve_model_dir(model_id))
+        return dataclasses.replace(config, vocab_size=trained["wte"].shape[0]), trained, None
+    base_source, recorded = recorded_base(source)
+    config, base = load_weights(base_source, meta["base"]["model_id"], meta["method"], tok)
+    check_base(lora_lib.digest(base), recorded, source, base_source)
+    settings = meta["lora"]
+    lora = lora_lib.Lora(**{**settings, "targets": tuple(settings["targets"]),
+                            "token_ids": tuple(settings["token_ids"])})
+    model = models.build(config, lora=lora)
+    frozen = trainable.split(base, lora_lib.trains(lora))[1]
+    params = trainable.merge(trained, frozen)
+    return config, (lora_lib.merged(model, params) if merge else params), model
 
 
 def load_weights(source: Source, model_id: str, method: str, tok):
@@ -217,7 +283,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
         params, source_method = hf.import_reference_checkpoint(source.path, config)
         check_method(source_method, method, f"load_model_path={source.path}")
     else:
-        params = _load_ours(source, config, method, model_id)
+        params = _load_ours(source, config, method, model_id, tok)
     config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
     if methods.get(method).latent_tokens:
         config, params = latent_vocab.add_latent_rows(config, params, tok)

@@ -60,12 +60,13 @@ def param_shardings(mesh, logical_axes: dict, shapes: dict):
 
 
 def put_params(params, shardings, dtype=np.float32):
-    """Host NumPy params (the same on every process) -> global arrays of `dtype` placed by
-    `shardings`."""
-    def put(x, s):
-        x = np.asarray(x).astype(dtype, copy=False)
+    """Host NumPy params (the same on every process) -> global arrays of `dtype` (one for all,
+    or a tree of dtypes like the params) placed by `shardings`."""
+    def put(x, s, d):
+        x = np.asarray(x).astype(d, copy=False)
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-    return jax.tree.map(put, params, shardings)
+    dtypes = dtype if isinstance(dtype, dict) else jax.tree.map(lambda _: dtype, params)
+    return jax.tree.map(put, params, shardings, dtypes)
 
 
 def batch_sharding(mesh):

@@ -189,22 +189,25 @@ class TrainState:
     read), `parts` the parts' ({name: params})."""
 
     def __init__(self, model, params_host, mesh, tx, param_dtype=jnp.float32, loss=(("lm", 1.0),), *,
-                 parts: dict | None = None, trains=None):
+                 parts: dict | None = None, trains=None, base_in_checkpoint: bool = True):
         """`params_host`: NumPy params (the same on every process), or None for zeros of the
         model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
         params (and so the optimizer's moments and the gradients) are stored; bf16 halves
         their memory for models that do not fit in f32. `loss`: the method's named terms and
         weights (`methods.Method.loss`), one gradient accumulator each. `parts`: {name: (its
         model, its host params or None)} of the method's parts. `trains`: which of the
-        model's params train (`methods.Method.trains`; None: all)."""
+        model's params train (`methods.Method.trains`; None: all). `base_in_checkpoint=False`
+        (LoRA): checkpoints hold the trained params only, the frozen base being rebuilt from
+        its source when a run resumes."""
         self.model, self.mesh, self.tx, self.trains = model, mesh, tx, trains
+        self.base_in_checkpoint = base_in_checkpoint
         parts = parts or {}
         part_models = tuple((name, m) for name, (m, _) in sorted(parts.items()))
         self.layout = lay = Layout(model, mesh, tx, param_dtype, loss, part_models, trains)
         self.part_models = lay.part_models
         self.param_sh, self.opt_sh, self.acc_sh = lay.param_sh, lay.opt_sh, lay.acc_sh
-        params = self._place(model, params_host, lay.param_sh, param_dtype)
-        part_params = {name: self._place(m, parts[name][1], lay.part_sh[name], param_dtype)
+        params = self._place(params_host, lay.param_sh, lay.params)
+        part_params = {name: self._place(parts[name][1], lay.part_sh[name], m.param_shapes(param_dtype))
                        for name, m in self.part_models}
         model_trained, self.frozen = trainable.split(params, trains)
         self.trained = trainable.pack(model_trained, part_params)
@@ -217,12 +220,12 @@ class TrainState:
         self.opt_state = self._init(self.trained)
 
     @staticmethod
-    def _place(model, host, shardings, dtype):
+    def _place(host, shardings, shapes):
+        """Host params (or zeros, for None) placed by `shardings`, each at its dtype in `shapes`."""
         if host is None:
-            shapes = model.param_shapes(dtype)
             return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                            out_shardings=shardings)()
-        return sharding.put_params(host, shardings, dtype)
+        return sharding.put_params(host, shardings, jax.tree.map(lambda s: s.dtype, shapes))
 
     @property
     def params(self) -> dict:
@@ -255,9 +258,11 @@ class TrainState:
         return losses, acc
 
     def checkpoint_tree(self) -> dict:
-        """What a checkpoint holds: the model's whole params, the optimizer state and, when the
-        method has parts, their params (`parts/<name>`)."""
-        tree = {"params": self.params, "opt_state": self.opt_state}
+        """What a checkpoint holds: the model's whole params (its trained ones only, when the
+        base is not kept: LoRA), the optimizer state and, when the method has parts, their
+        params (`parts/<name>`)."""
+        params = self.params if self.base_in_checkpoint else trainable.split(self.params, self.trains)[0]
+        tree = {"params": params, "opt_state": self.opt_state}
         return {**tree, "parts": self.parts} if self.part_models else tree
 
     def abstract(self) -> dict:
@@ -267,6 +272,8 @@ class TrainState:
 
     def load(self, state: dict) -> None:
         """Takes a restored `checkpoint_tree`."""
-        model_trained, self.frozen = trainable.split(state["params"], self.trains)
+        model_trained, frozen = trainable.split(state["params"], self.trains)
+        if self.base_in_checkpoint:
+            self.frozen = frozen
         self.trained = trainable.pack(model_trained, state.get("parts") or {})
         self.opt_state = state["opt_state"]

@@ -171,6 +171,32 @@ def tiny_run(tmp_path_factory):
     return os.path.join(built_once(tmp_path_factory, "tiny_run", run_cli), "tiny")
 
 
+def run_notebook(name: str, monkeypatch, **env) -> list:
+    """Executes notebooks/`name` top to bottom on CPU with `env` set; its code cells' outputs
+    (none of them an error)."""
+    import nbclient
+    import nbformat
+    for k, v in {**env, "JAX_PLATFORMS": "cpu"}.items():
+        monkeypatch.setenv(k, str(v))
+    nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    return outputs
+
+
+LORA = ("--config.lora.rank=4", "--config.lr=1e-2")
+
+
+@pytest.fixture(scope="session")
+def lora_run(tmp_path_factory):
+    """configs/tiny.py with LoRA rank 4 (dropout 0.1), 3 epochs, a checkpoint every 2 steps; its
+    run directory."""
+    path = built_once(tmp_path_factory, "lora_run", lambda p: run_cli(p, *LORA, "--config.checkpoint_every_steps=2"))
+    return path / "tiny"
+
+
 def assert_first_epochs_match(ref_dir, got_dir, keys, epochs=2, tol=1e-5):
     """The run in `got_dir` logged what the reference run logged in its first `epochs`."""
     ref = [e for e in read_metrics(os.path.join(ref_dir, "metrics.jsonl")) if e["epoch"] <= epochs]

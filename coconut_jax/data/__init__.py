@@ -20,9 +20,10 @@ from coconut_jax.data.records import DataError, load_records, validate_record
 from coconut_jax.data.token_cache import (CACHE_FORMAT, cache_key, file_digest, load_dataset, read_cache,
                                           write_cache)
 from coconut_jax.data.step_targets import RULES as STEP_RULES, StepIds, StepTargets, step_ids
-from coconut_jax.data.tokens import TOKENIZE_CHUNK, Example, TokenizedSet, tokenize_records
+from coconut_jax.data.tokens import TOKENIZE_CHUNK, Example, TokenizedSet, question_example, tokenize_records
 
 __all__ = ["Batch", "EpochPlan", "PlanSettings", "collate", "round_up", "IGNORE", "OVERLONG_POLICIES", "Curriculum", "Sequences",
            "check_lengths", "draw_stages", "epoch_order", "eval_prompt", "training_sequence", "DataError",
            "load_records", "validate_record", "CACHE_FORMAT", "cache_key", "file_digest", "load_dataset", "read_cache",
-           "write_cache", "STEP_RULES", "StepIds", "StepTargets", "step_ids", "TOKENIZE_CHUNK", "Example", "TokenizedSet", "tokenize_records"]
+           "write_cache", "STEP_RULES", "StepIds", "StepTargets", "step_ids", "TOKENIZE_CHUNK", "Example", "TokenizedSet", "tokenize_records",
+           "question_example"]

@@ -109,6 +109,12 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
     return [by_text[t] for t in texts]
 
 
+def question_example(question: str, tokenizer, idx: int = 0) -> Example:
+    """A question alone (no steps, no answer), tokenized as `tokenize_records` tokenizes a
+    record's question: what a prompt is built from when there is nothing else."""
+    return Example(idx, tuple(_encode(tokenizer, [question + "\n"], True)[0]), (), ())
+
+
 TOKENIZE_CHUNK = 20_000  # records per batch call: bounds the Python lists alive at once
 
 

@@ -88,6 +88,13 @@ class Method:
         state, and stays bit-identical through training. Every parameter trains here."""
         return True
 
+    def lora_tokens(self, tokens) -> tuple[int, ...]:
+        """Vocabulary rows that train beside LoRA's adapters (`tokens`: the run's
+        `latent_vocab.LatentTokens`): the three latent tokens' when the method adds them, since
+        they start as copies of `<<` and mean nothing yet. Their embedding rows train; a tied
+        head reads them too."""
+        return (tokens.start, tokens.end, tokens.latent) if self.latent_tokens else ()
+
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
                    loss_chunk: int = 0, parts=None) -> dict:
         """{term: (sum, count)} of a batch, one entry per name of `loss`. Here the one term "lm":

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coconut_jax.models import lora as lora_lib
+
 # Logical axis names. `sharding.LOGICAL_RULES` maps them to mesh axes.
 VOCAB, EMBED, POSITION, MLP = "vocab", "embed", "position", "mlp"
 QKV, HEADS, KV_HEADS, HEAD_DIM = "qkv", "heads", "kv_heads", "head_dim"
@@ -147,17 +149,23 @@ class FunctionalModel:
     hf_names: "HFNames"
 
     def __init__(self, config, dtype=jnp.float32, *, scan_layers: bool = False, remat: str = "none",
-                 fused_attention: bool = True):
+                 fused_attention: bool = True, lora: "lora_lib.Lora | None" = None):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)}")
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.scan_layers, self.remat, self.fused_attention = scan_layers, remat, fused_attention
+        self.lora = lora
         _, state = nnx.split(nnx.eval_shape(lambda: self.module(config, nnx.Rngs(0))), nnx.Param)
-        self._template = [(path, var) for path, var in nnx.to_flat_state(state)]
+        # (path, shape, logical axes, whether stored in f32 whatever the params' dtype)
+        self._template = [(path_str(path), var.get_value().shape, tuple(var.get_metadata()["out_sharding"]), False)
+                          for path, var in nnx.to_flat_state(state)]
+        if lora is not None:
+            self._template += [(path, shape, axes, True) for path, shape, axes in
+                               lora_lib.template(lora, config.n_layer, self.kernel_shapes(), type(self))]
 
     def _key(self):
-        return (type(self), self.config, self.dtype, self.scan_layers, self.remat, self.fused_attention)
+        return (type(self), self.config, self.dtype, self.scan_layers, self.remat, self.fused_attention, self.lora)
 
     def __hash__(self):
         return hash(self._key())
@@ -167,11 +175,11 @@ class FunctionalModel:
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.config}, dtype={self.dtype.name}, scan_layers={self.scan_layers}, "
-                f"remat={self.remat}, fused_attention={self.fused_attention})")
+                f"remat={self.remat}, fused_attention={self.fused_attention}, lora={self.lora})")
 
     def replace(self, **kw) -> "FunctionalModel":
         args = dict(dtype=self.dtype, scan_layers=self.scan_layers, remat=self.remat,
-                    fused_attention=self.fused_attention)
+                    fused_attention=self.fused_attention, lora=self.lora)
         args.update(kw)
         return type(self)(self.config, **args)
 
@@ -179,33 +187,64 @@ class FunctionalModel:
         return self.replace(dtype=dtype)
 
     def init(self, seed: int = 0) -> Params:
-        """The family's random initialisation."""
+        """The family's random initialisation (with fresh adapters under LoRA)."""
         _, state = nnx.split(self.module(self.config, nnx.Rngs(seed)), nnx.Param)
         params: Params = {}
         for path, var in nnx.to_flat_state(state):
             set_path(params, path_str(path), var.get_value())
-        return params
+        return params if self.lora is None else lora_lib.attach(self, jax.tree.map(np.asarray, params), seed)
+
+    def kernel_shapes(self) -> dict:
+        """{projection: (shape, logical axes)} of layer 0's kernels, and the embedding's."""
+        out = {}
+        for path, shape, axes, _ in self._template:
+            if path[:2] == ("h", "0") and path[-1] == "kernel":
+                out[path[2]] = (shape, axes)
+            elif path == (EMBEDDING,):
+                out[EMBEDDING] = (shape, axes)
+        return out
 
     def _per_param(self, fn) -> Params:
         out: Params = {}
-        for path, var in self._template:
-            set_path(out, path_str(path), fn(var))
+        for path, shape, axes, f32 in self._template:
+            set_path(out, path, fn(shape, axes, f32))
         return out
 
     def logical_axes(self) -> Params:
         """Logical axis names of every parameter, in the params' tree structure."""
-        return self._per_param(lambda v: tuple(v.get_metadata()["out_sharding"]))
+        return self._per_param(lambda shape, axes, f32: axes)
 
     def param_shapes(self, dtype=jnp.float32) -> Params:
-        return self._per_param(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, jnp.dtype(dtype)))
+        """Shapes and storage dtypes: `dtype`, except LoRA's adapters and token rows (f32)."""
+        return self._per_param(lambda shape, axes, f32: jax.ShapeDtypeStruct(shape, jnp.float32 if f32 else
+                                                                             jnp.dtype(dtype)))
 
     def embed(self, params, ids):
-        return jnp.take(params[EMBEDDING], ids, axis=0).astype(self.dtype)
+        x = jnp.take(params[EMBEDDING], ids, axis=0).astype(self.dtype)
+        if lora_lib.TOKEN_ROWS in params:
+            x = lora_lib.embed_rows(x, ids, params[lora_lib.TOKEN_ROWS], self.lora.token_ids)
+        return x
 
     def logits(self, params, hidden):
         """Through the tied embedding, or the untied `lm_head` when the params hold one."""
         head = params.get(HEAD, params[EMBEDDING])
-        return jnp.einsum("...e,ve->...v", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+        logits = jnp.einsum("...e,ve->...v", hidden, head.astype(hidden.dtype)).astype(jnp.float32)
+        if lora_lib.TOKEN_ROWS in params and HEAD not in params:
+            logits = lora_lib.head_rows(logits, hidden, head, params[lora_lib.TOKEN_ROWS], self.lora.token_ids)
+        return logits
+
+    def project(self, p, x, spec: str, key=None):
+        """A projection (`linear`), plus its LoRA adapter when `p` holds one (`key`: the
+        adapter's dropout key, None in evaluation)."""
+        y = linear(p, x, spec)
+        return y if lora_lib.ADAPTER_A not in p else y + lora_lib.adapter(p, x, spec, self.lora, key)
+
+    def adapter_keys(self, key, n: int):
+        """`n` dropout keys for a layer's adapters, derived from one of the layer's own keys (so
+        a run without adapters draws exactly what it drew before)."""
+        if key is None or self.lora is None or self.lora.dropout == 0.0:
+            return [None] * n
+        return list(jax.random.split(jax.random.fold_in(key, 0x10FA), n))
 
     def stack_layers(self, params):
         """Params whose layers are stacked along a leading axis (what the scan runs over).

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from coconut_jax.models.common import (EMBED, HEADS, MLP, POSITION, QKV, VOCAB, FunctionalModel, HFNames, Params,
-                                       TokenizerKind, attention, dropout, get_path, linear, ones, param, set_path)
+                                       TokenizerKind, attention, dropout, get_path, ones, param, set_path)
 
 __all__ = ["GPT2Config", "GPT2Model", "Params", "get_path", "set_path"]
 
@@ -109,20 +109,23 @@ def layer_norm(p, x, eps: float):
     return y.astype(x.dtype)
 
 
-def block(p, x, self_allowed, past, cfg: GPT2Config, keys, fused: bool):
+def block(p, x, self_allowed, past, cfg: GPT2Config, keys, fused: bool, proj, adapter_keys):
     """One transformer layer. x: [B,T,E]; self_allowed: [B,T,T] bool (causal among the
     inputs); past: (k, v [B,H,S,D], allowed [B,1,S]) per earlier segment of this layer.
+    `proj`: how a projection is computed (`FunctionalModel.project`: with its adapter under
+    LoRA), `adapter_keys` the adapters' dropout key per projection.
     Returns the new x and this layer's (k, v) of the inputs."""
+    spec = "...i,io->...o"
     b, t, _ = x.shape
     h, d = cfg.n_head, cfg.head_dim
-    qkv = linear(p["c_attn"], layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon))
+    qkv = proj(p["c_attn"], layer_norm(p["ln_1"], x, cfg.layer_norm_epsilon), spec, adapter_keys[0])
     q, k, v = (a.reshape(b, t, h, d) for a in jnp.split(qkv, 3, axis=-1))
     k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B,H,T,D], the cache layout
     attn = attention(q, k, v, self_allowed, past, fused=fused, dropout_rate=cfg.attn_pdrop, key=keys[0])
-    x = x + dropout(linear(p["attn_proj"], attn.reshape(b, t, h * d)), cfg.resid_pdrop, keys[1])
+    x = x + dropout(proj(p["attn_proj"], attn.reshape(b, t, h * d), spec, adapter_keys[1]), cfg.resid_pdrop, keys[1])
     act = _ACTIVATIONS[cfg.activation_function]
-    mlp = linear(p["mlp_proj"], act(linear(p["c_fc"], layer_norm(p["ln_2"], x, cfg.layer_norm_epsilon))))
-    x = x + dropout(mlp, cfg.resid_pdrop, keys[2])
+    hidden = act(proj(p["c_fc"], layer_norm(p["ln_2"], x, cfg.layer_norm_epsilon), spec, adapter_keys[2]))
+    x = x + dropout(proj(p["mlp_proj"], hidden, spec, adapter_keys[3]), cfg.resid_pdrop, keys[2])
     return x, (k, v)
 
 
@@ -167,7 +170,8 @@ class GPT2Model(FunctionalModel):
         return dropout(x, self.config.embd_pdrop, key), None
 
     def _layer(self, p, x, self_allowed, past, ctx, keys):
-        return block(p, x, self_allowed, past, self.config, keys, self.fused_attention)
+        return block(p, x, self_allowed, past, self.config, keys, self.fused_attention, self.project,
+                     self.adapter_keys(keys[0], 4))
 
     def _final(self, params, x):
         return layer_norm(params["ln_f"], x, self.config.layer_norm_epsilon)

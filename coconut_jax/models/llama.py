@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from coconut_jax.models.common import (EMBED, HEAD_DIM, HEADS, KV_HEADS, MLP, VOCAB, FunctionalModel, HFNames,
-                                       TokenizerKind, attention, linear, ones, param)
+                                       TokenizerKind, attention, ones, param)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 ROPE_TYPES = ("default", "llama3")
@@ -277,18 +277,19 @@ class LlamaModel(FunctionalModel):
         cfg = self.config
         eps = cfg.rms_norm_eps
         cos, sin = ctx
+        ak = dict(zip(("q", "k", "v", "o", "gate", "up", "down"), self.adapter_keys(keys[0], 7)))
         h = rms_norm(p["attn_norm"], x, eps)
-        q, k, v = (linear(p[n], h, "bte,ehd->bthd") for n in ("q", "k", "v"))
+        q, k, v = (self.project(p[n], h, "bte,ehd->bthd", ak[n]) for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q, k = rms_norm(p["q_norm"], q, eps), rms_norm(p["k_norm"], k, eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)  # [B,K,T,D], the cache layout
         attn = attention(q, k, v, self_allowed, past, fused=self.fused_attention,
                          dropout_rate=cfg.attention_dropout, key=keys[0])
-        x = x + linear(p["o"], attn, "bthd,hde->bte")
+        x = x + self.project(p["o"], attn, "bthd,hde->bte", ak["o"])
         h = rms_norm(p["mlp_norm"], x, eps)
-        gate, up = linear(p["gate"], h, "bte,ef->btf"), linear(p["up"], h, "bte,ef->btf")
-        x = x + linear(p["down"], jax.nn.silu(gate) * up, "btf,fe->bte")
+        gate, up = (self.project(p[n], h, "bte,ef->btf", ak[n]) for n in ("gate", "up"))
+        x = x + self.project(p["down"], jax.nn.silu(gate) * up, "btf,fe->bte", ak["down"])
         return x, (k, v)
 
     def _final(self, params, x):

@@ -1,0 +1,111 @@
+"""Ask a trained model: a question, or every record of a Coconut JSON file.
+
+    python -m coconut_jax.generate RUN_DIR_OR_HF_DIR --question "..." [--thoughts K] [--show-thoughts]
+    python -m coconut_jax.generate RUN_DIR_OR_HF_DIR --input FILE.json [--thoughts K]
+
+The model is read as `coconut_jax.export` reads it (a run's best step, else its latest, or
+`--step N`; or a directory it exported). The prompt is the method's at the stage that step was
+trained at: the question, then `<|start-latent|>`, the thoughts and `<|end-latent|>` for
+methods with latent tokens (a question without written steps gets the thoughts of one with
+steps enough; `--thoughts K` sets their number). Generation is evaluation's own (batched,
+KV-cached, greedy), so an answer to a validation question equals that question's line in the
+run's predictions file. Output: one JSON line per question, with a predictions-file line's
+fields (`thoughts` is their number); `--show-thoughts` adds `thought_tokens`, each continuous
+thought's top tokens with their probabilities (as `coconut_jax.analysis` reads them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from coconut_jax import checkpoint, data, evaluate, latent_vocab, models, rundir, trained
+
+
+def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculum, int, bool]:
+    """(curriculum, stage, whether the thought count is fixed) of the prompts: the run's at
+    its step's stage, or exactly `thoughts` thoughts (one per stage step, padded)."""
+    cur = data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
+                          settings["epochs_per_stage"], settings["pad_latent_to_max"])
+    if thoughts is None:
+        return cur, settings["stage"], False
+    if not cur.markers:
+        raise trained.TrainedError(f"--thoughts: method {cur.method!r} puts no thoughts in its prompts")
+    return data.Curriculum(cur.method, 1, thoughts, 1, True), thoughts, True
+
+
+def questions(args, tok, cur: data.Curriculum, stage: int, fixed: bool):
+    """(the records asked, their examples, and the curriculum and stage of their prompts)."""
+    if args.question is not None:
+        if not fixed and cur.markers:
+            # No written steps to count: as many thoughts as a question with steps enough gets.
+            k = cur.eval_latents(cur.max_latent_stage, stage)
+            cur, stage = data.Curriculum(cur.method, 1, k, 1, True), k
+        record = {"question": args.question, "steps": [], "answer": ""}
+        return [record], [data.question_example(args.question, tok)], cur, stage
+    records = data.load_records(args.input)
+    return records, data.tokenize_records(records, tok, args.input), cur, stage
+
+
+def thought_tokens(model, params, prompt, tokens, tok, top_k: int) -> list[list[tuple[str, float]]]:
+    from coconut_jax import analysis
+    states = analysis.thoughts(model, params, prompt, tokens)
+    return analysis.decode_thoughts(model, params, states, tok, top_k) if len(states) else []
+
+
+def ask(t: trained.Trained, records: list[dict], examples, cur: data.Curriculum, stage: int, *,
+        max_new_tokens: int, batch_size: int = 8, show_thoughts: int = 0) -> list[dict]:
+    """One dict per record: a predictions-file line (and its thoughts' top tokens)."""
+    tokens = latent_vocab.latent_tokens(t.tok)
+    model = models.build(t.config)
+    context = model.config.n_positions
+    for r, ex in enumerate(examples):
+        n = len(data.eval_prompt(ex, stage, cur, tokens))
+        if n + max_new_tokens - 1 > context:
+            raise trained.TrainedError(f"question {r}: its prompt of {n} tokens and --max-new-tokens={max_new_tokens} "
+                                       f"do not fit the model's context of {context} tokens")
+    preds = evaluate.generate_predictions(model, t.params, examples, records, stage, cur, tokens, t.tok,
+                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                          context=model.config.n_positions)
+    out = [p.to_json() for p in preds]
+    if show_thoughts and cur.feedback:
+        for line, ex in zip(out, examples):
+            prompt = data.eval_prompt(ex, stage, cur, tokens)
+            line["thought_tokens"] = [[[s, round(float(p), 4)] for s, p in top]
+                                for top in thought_tokens(model, t.params, prompt, tokens, t.tok, show_thoughts)]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m coconut_jax.generate", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a run directory (save_path/name) or a directory coconut_jax.export wrote")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--question", help="one question")
+    src.add_argument("--input", help="a Coconut JSON file (question, steps, answer per record)")
+    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: best, else latest)")
+    p.add_argument("--thoughts", type=int, default=None, help="continuous thoughts per prompt (default: the stage's)")
+    p.add_argument("--show-thoughts", dest="show_thoughts", action="store_true",
+                   help="each thought's top tokens (continuous-thought methods)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=5, help="tokens shown per thought")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    a = p.parse_args(argv)
+    try:
+        if a.thoughts is not None and a.thoughts < 0:
+            raise trained.TrainedError(f"--thoughts={a.thoughts} must be >= 0")
+        t = trained.open_trained(a.model, a.step)
+        cur, stage, fixed = curriculum_for(t.settings, a.thoughts)
+        records, examples, cur, stage = questions(a, t.tok, cur, stage, fixed)
+        print(f"model: {t.where}; method {cur.method} at stage {stage}", file=sys.stderr, flush=True)
+        lines = ask(t, records, examples, cur, stage, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
+                    show_thoughts=a.top_k if a.show_thoughts else 0)
+    except (trained.TrainedError, rundir.RunDirError, checkpoint.CheckpointFault, data.DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A trained model read back for use outside training (`coconut_jax.export`,
+`coconut_jax.generate`): from a run directory (`save_path/name`) at the step `load_model_path`
+would pick (best by accuracy, else the latest) or a step named, or from a Hugging Face
+directory `coconut_jax.export` wrote.
+
+What a prompt needs besides the weights (method, thoughts per step, the stage the step was
+trained at) comes from the run's `run.json` and the step's metadata; an export writes it to
+`coconut_jax.json` beside the model, so a question asked of the export is asked as the run
+would ask it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from coconut_jax import checkpoint, config as config_lib, hf, methods, rundir
+
+SETTINGS_FILE = "coconut_jax.json"
+# The run settings a prompt depends on (with the stage).
+PROMPT_FIELDS = ("method", "c_thought", "max_latent_stage", "epochs_per_stage", "pad_latent_to_max")
+
+
+class TrainedError(ValueError):
+    """A directory that holds no trained model of ours, or a step that is not there."""
+
+
+@dataclasses.dataclass
+class Trained:
+    where: str               # what was read, for messages ("<run>/checkpoints/12 (best by accuracy, ...)")
+    config: object           # the model family's config
+    params: dict             # host f32 params of the plain model (LoRA merged)
+    tok: object
+    settings: dict           # PROMPT_FIELDS and "stage"
+    model_id: str            # the run's model_id (what a PEFT export's base is)
+    lora_model: object = None  # a LoRA run's model (None otherwise) ...
+    lora_params: dict | None = None  # ... and its params with the adapters unmerged
+    base: dict | None = None  # a LoRA run's base record (rundir.base_record)
+
+
+def run_config(run_dir: str):
+    """The config a run directory's `run.json` records (other fields at their defaults)."""
+    path = os.path.join(run_dir, rundir.RUN_FILE)
+    if not os.path.isfile(path):
+        raise TrainedError(f"{run_dir}: not a run directory of coconut_jax (no {rundir.RUN_FILE})")
+    with open(path) as f:
+        try:
+            ident = json.load(f)
+        except json.JSONDecodeError as e:
+            raise TrainedError(f"{path}: unreadable run record ({e})") from None
+    c = config_lib.base_config()
+    for k, v in ident.items():
+        if k in ("prepare", "lora"):
+            c[k].update(v)
+        elif k in c and k != "only_eval":
+            c[k] = tuple(v) if isinstance(v, list) else v
+    c.save_path, c.name = os.path.split(os.path.abspath(run_dir))
+    if c.prepare.kind:
+        from coconut_jax.demo import prepare
+        c.model_id = prepare.prepared_paths(prepare.prepared_root(c))[2]
+    return c
+
+
+def trained_stage(c, meta: dict) -> int:
+    """The stage the step's weights were last trained (and evaluated) at: an end-of-epoch step
+    holds the epoch before `epoch`, a mid-epoch one the epoch `epoch`."""
+    cur_method = methods.get(c.method)
+    epoch = meta["epoch"] - 1 if meta["batch_in_epoch"] == 0 and meta["epoch"] > 0 else meta["epoch"]
+    return cur_method.stage(epoch, c.epochs_per_stage)
+
+
+def pick_step(ckpt_dir: str, step: int | None) -> rundir.Source:
+    if step is None:
+        return rundir.weight_source(ckpt_dir)
+    have = checkpoint.steps(ckpt_dir)
+    if step not in have:
+        raise TrainedError(f"{ckpt_dir}: no step {step} (steps: {', '.join(map(str, have)) or 'none'})")
+    return rundir.Source("ours", ckpt_dir, step, "the step named")
+
+
+def from_run(run_dir: str, step: int | None = None) -> Trained:
+    c = run_config(run_dir)
+    ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise TrainedError(f"{run_dir}: no checkpoints (a run with debug=True saves none)")
+    source = pick_step(ckpt_dir, step)
+    tok = hf.load_tokenizer(c.model_id)
+    config, params, lora_model = rundir.checkpoint_params(source, c.model_id, tok)
+    meta = checkpoint.read_meta(source.path, source.step)
+    lora_params = None
+    if lora_model is not None:
+        lora_params = rundir.checkpoint_params(source, c.model_id, tok, merge=False)[1]
+    settings = {f: c[f] for f in PROMPT_FIELDS} | {"stage": trained_stage(c, meta)}
+    return Trained(source.describe(), config, params, tok, settings, c.model_id, lora_model, lora_params,
+                   meta.get("base"))
+
+
+def from_hf(model_dir: str) -> Trained:
+    """A Hugging Face directory; its prompt settings from `coconut_jax.json` when it has one,
+    else those of a plain language model (method cot: the question alone)."""
+    config, params = hf.load_pretrained(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+    path = os.path.join(model_dir, SETTINGS_FILE)
+    settings = {"method": "cot", "c_thought": 1, "max_latent_stage": 0, "epochs_per_stage": 1,
+                "pad_latent_to_max": False, "stage": 0}
+    if os.path.isfile(path):
+        with open(path) as f:
+            settings.update(json.load(f))
+    return Trained(model_dir, config, params, tok, settings, model_dir)
+
+
+def open_trained(path: str, step: int | None = None) -> Trained:
+    """A run directory or a Hugging Face directory (`TrainedError` for anything else)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        if step is not None:
+            raise TrainedError(f"{path}: a Hugging Face directory has no steps (--step is for run directories)")
+        return from_hf(path)
+    if os.path.isfile(os.path.join(path, rundir.RUN_FILE)):
+        return from_run(path, step)
+    if not os.path.isdir(path):
+        raise TrainedError(f"{path}: not found")
+    raise TrainedError(f"{path}: neither a run directory of coconut_jax (run.json) nor a Hugging Face "
+                       f"directory (config.json)")
