@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import run_notebook
 
 pytestmark = pytest.mark.slow  # minutes of training or several processes (quick tier: -m "not slow")
 
@@ -12,14 +12,8 @@ nbclient = pytest.importorskip("nbclient")
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
-    monkeypatch.setenv("COCONUT_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("COCONUT_NOTEBOOK_RUNS", str(tmp_path / "runs"))
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    nb = nbformat.read(os.path.join(ROOT, "notebooks", "coconut_demo.ipynb"), as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}}).execute()
-    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
+    outputs = run_notebook("coconut_demo.ipynb", monkeypatch, COCONUT_NOTEBOOK_TINY=1,
+                           COCONUT_NOTEBOOK_RUNS=tmp_path / "runs")
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # curves, concept mass, accuracy by thoughts
     assert os.path.isfile(tmp_path / "runs" / "tiny" / "analysis" / "accuracy_by_k.png")

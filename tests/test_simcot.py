@@ -297,6 +297,7 @@ def _slow_step_nll(model, params, decoder, dparams, arrays):
     return total, count
 
 
+@pytest.mark.slow  # 90 s of slow per-row, per-group gradients on 2 cores
 def test_fast_step_loss_and_gradients_equal_the_slow_form(gsm_world):
     tok = hf.load_tokenizer(gsm_world["model"])
     _, examples = data.load_dataset(gsm_world["train"], tok, None, None)
