@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from coconut_jax import checkpoint, data, evaluate, latent_vocab, models, rundir, trained
@@ -102,8 +103,11 @@ def main(argv=None) -> int:
     except (trained.TrainedError, rundir.RunDirError, checkpoint.CheckpointFault, data.DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for line in lines:
-        print(json.dumps(line))
+    try:
+        for line in lines:
+            print(json.dumps(line), flush=True)
+    except BrokenPipeError:  # the reader stopped early (`| head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -237,7 +237,9 @@ class FunctionalModel:
         """A projection (`linear`), plus its LoRA adapter when `p` holds one (`key`: the
         adapter's dropout key, None in evaluation)."""
         y = linear(p, x, spec)
-        return y if lora_lib.ADAPTER_A not in p else y + lora_lib.adapter(p, x, spec, self.lora, key)
+        if lora_lib.ADAPTER_A not in p:
+            return y
+        return y + lora_lib.adapter(p, dropout(x, self.lora.dropout, key), spec, self.lora)
 
     def adapter_keys(self, key, n: int):
         """`n` dropout keys for a layer's adapters, derived from one of the layer's own keys (so

@@ -26,7 +26,7 @@ import numpy as np
 
 ADAPTER_A, ADAPTER_B = "lora_a", "lora_b"
 TOKEN_ROWS = "token_rows"
-EMBEDDING, HEAD = "wte", "lm_head"
+EMBEDDING, HEAD = "wte", "lm_head"  # as in common.py, which imports this module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,12 +111,12 @@ def _specs(spec: str, n_in: int):
     return f"{lhs},{k_in}z->{kept}z", f"{kept}z,z{k_out}->{out}"
 
 
-def adapter(p, x, spec: str, lora: Lora, key):
-    """scale * (dropout(x) A) B of a projection with params `p` (the adapter's share of y)."""
-    from coconut_jax.models.common import dropout
+def adapter(p, x, spec: str, lora: Lora):
+    """scale * (x A) B of a projection with params `p` and input `x` (already through the
+    adapter's dropout): the adapter's share of y."""
     a, b = p[ADAPTER_A], p[ADAPTER_B]
     to_a, to_b = _specs(spec, a.ndim - 1)
-    xa = jnp.einsum(to_a, dropout(x, lora.dropout, key), a.astype(x.dtype))
+    xa = jnp.einsum(to_a, x, a.astype(x.dtype))
     return (jnp.einsum(to_b, xa, b.astype(x.dtype)) * lora.scale).astype(x.dtype)
 
 
