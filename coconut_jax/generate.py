@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         t = trained.open_trained(a.model, a.step)
         cur, stage, fixed = curriculum_for(t.settings, a.thoughts)
         records, examples, cur, stage = questions(a, t.tok, cur, stage, fixed)
-        print(f"model: {t.where}; method {cur.method} at stage {stage}", file=sys.stderr, flush=True)
+        shown = f"{a.thoughts} thoughts" if fixed else f"the prompts of stage {t.settings['stage']}"
+        print(f"model: {t.where}; method {cur.method}, {shown}", file=sys.stderr, flush=True)
         lines = ask(t, records, examples, cur, stage, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                     show_thoughts=a.top_k if a.show_thoughts else 0)
     except (trained.TrainedError, rundir.RunDirError, checkpoint.CheckpointFault, data.DataError, OSError) as e:
