@@ -23,6 +23,12 @@ import sys
 from coconut_jax import checkpoint, data, evaluate, latent_vocab, models, rundir, trained
 
 
+def exactly(method: str, thoughts: int) -> tuple[data.Curriculum, int]:
+    """(curriculum, stage) whose prompts carry exactly `thoughts` thoughts, whatever a record's
+    steps (one thought per stage, padded to the last)."""
+    return data.Curriculum(method, 1, thoughts, 1, True), thoughts
+
+
 def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculum, int, bool]:
     """(curriculum, stage, whether the thought count is fixed) of the prompts: the run's at
     its step's stage, or exactly `thoughts` thoughts (one per stage step, padded)."""
@@ -32,7 +38,7 @@ def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculu
         return cur, settings["stage"], False
     if not cur.markers:
         raise trained.TrainedError(f"--thoughts: method {cur.method!r} puts no thoughts in its prompts")
-    return data.Curriculum(cur.method, 1, thoughts, 1, True), thoughts, True
+    return (*exactly(cur.method, thoughts), True)
 
 
 def questions(args, tok, cur: data.Curriculum, stage: int, fixed: bool):
@@ -40,8 +46,7 @@ def questions(args, tok, cur: data.Curriculum, stage: int, fixed: bool):
     if args.question is not None:
         if not fixed and cur.markers:
             # No written steps to count: as many thoughts as a question with steps enough gets.
-            k = cur.eval_latents(cur.max_latent_stage, stage)
-            cur, stage = data.Curriculum(cur.method, 1, k, 1, True), k
+            cur, stage = exactly(cur.method, cur.eval_latents(cur.max_latent_stage, stage))
         record = {"question": args.question, "steps": [], "answer": ""}
         return [record], [data.question_example(args.question, tok)], cur, stage
     records = data.load_records(args.input)

@@ -214,6 +214,6 @@ def save(run: Run, end_of_epoch: bool, eval_acc: float | None = None, best: bool
             "stage": run.cur.stage(at.epoch), "metrics_count": ctx.sink.count, "best_acc": at.best_acc,
             "eval_acc": eval_acc, "method": run.c.method}
     if run.base is not None:
-        meta.update(base=run.base, lora=rundir.lora_settings(run.model))
+        meta.update(base=run.base, lora=run.model.lora.record())
     ctx.ckpt.save(at.step, run.state.checkpoint_tree(), meta, end_of_epoch=end_of_epoch,
                   best_acc=eval_acc if best else None)

@@ -217,12 +217,6 @@ def base_record(source: Source, model_id: str, digest: str) -> dict:
     return {"source": dataclasses.asdict(source), "model_id": model_id, "digest": digest}
 
 
-def lora_settings(model) -> dict:
-    """A LoRA model's `Lora`, as a checkpoint's metadata records it."""
-    return {**dataclasses.asdict(model.lora), "targets": list(model.lora.targets),
-            "token_ids": list(model.lora.token_ids)}
-
-
 def recorded_base(source: Source) -> tuple[Source, str]:
     """(the base's source, its digest) that a LoRA checkpoint step records."""
     base = _read_meta(source).get("base")
@@ -239,13 +233,10 @@ def check_base(digest: str, recorded: str, source: Source, base: Source) -> None
 
 
 def checkpoint_params(source: Source, model_id: str, tok, merge: bool = True) -> tuple[object, dict, object]:
-    """(model config, host f32 params) of one of our checkpoint steps (of a run on `model_id`)
-    as a plain model: a LoRA
-    run's trained params merged onto its rebuilt base (checked against its digest), the
-    adapters folded into the kernels. What a hand-off, an export and a question read.
-
-    The third value is the LoRA model (None for a run without LoRA); with `merge=False` the
-    params are that model's, adapters unmerged (what a PEFT export writes)."""
+    """(model config, host f32 params, LoRA model or None) of one of our checkpoint steps (of a
+    run on `model_id`): a LoRA run's trained params joined to its rebuilt base (checked against
+    its digest), with the adapters folded into the kernels (`merge`, a plain model: what a
+    hand-off reads) or kept (the LoRA model's params: what a PEFT export writes)."""
     from coconut_jax import hf, models, trainable
     from coconut_jax.models import lora as lora_lib
     meta = _read_meta(source)
@@ -256,9 +247,7 @@ def checkpoint_params(source: Source, model_id: str, tok, merge: bool = True) ->
     base_source, recorded = recorded_base(source)
     config, base = load_weights(base_source, meta["base"]["model_id"], meta["method"], tok)
     check_base(lora_lib.digest(base), recorded, source, base_source)
-    settings = meta["lora"]
-    lora = lora_lib.Lora(**{**settings, "targets": tuple(settings["targets"]),
-                            "token_ids": tuple(settings["token_ids"])})
+    lora = lora_lib.Lora.from_record(meta["lora"])
     model = models.build(config, lora=lora)
     frozen = trainable.split(base, lora_lib.trains(lora))[1]
     params = trainable.merge(trained, frozen)

@@ -261,7 +261,8 @@ class TrainState:
         """What a checkpoint holds: the model's whole params (its trained ones only, when the
         base is not kept: LoRA), the optimizer state and, when the method has parts, their
         params (`parts/<name>`)."""
-        params = self.params if self.base_in_checkpoint else trainable.split(self.params, self.trains)[0]
+        params = (self.params if self.base_in_checkpoint
+                  else trainable.unpack(self.trained, None, bool(self.part_models))[0])
         tree = {"params": params, "opt_state": self.opt_state}
         return {**tree, "parts": self.parts} if self.part_models else tree
 

@@ -15,6 +15,7 @@ import json
 import os
 
 from coconut_jax import checkpoint, config as config_lib, hf, methods, rundir
+from coconut_jax.models import lora as lora_lib
 
 SETTINGS_FILE = "coconut_jax.json"
 # The run settings a prompt depends on (with the stage).
@@ -64,9 +65,8 @@ def run_config(run_dir: str):
 def trained_stage(c, meta: dict) -> int:
     """The stage the step's weights were last trained (and evaluated) at: an end-of-epoch step
     holds the epoch before `epoch`, a mid-epoch one the epoch `epoch`."""
-    cur_method = methods.get(c.method)
     epoch = meta["epoch"] - 1 if meta["batch_in_epoch"] == 0 and meta["epoch"] > 0 else meta["epoch"]
-    return cur_method.stage(epoch, c.epochs_per_stage)
+    return methods.get(c.method).stage(epoch, c.epochs_per_stage)
 
 
 def pick_step(ckpt_dir: str, step: int | None) -> rundir.Source:
@@ -85,11 +85,12 @@ def from_run(run_dir: str, step: int | None = None) -> Trained:
         raise TrainedError(f"{run_dir}: no checkpoints (a run with debug=True saves none)")
     source = pick_step(ckpt_dir, step)
     tok = hf.load_tokenizer(c.model_id)
-    config, params, lora_model = rundir.checkpoint_params(source, c.model_id, tok)
-    meta = checkpoint.read_meta(source.path, source.step)
+    # Read once (a LoRA run's base is loaded and digested once), merged here when it has adapters.
+    config, params, lora_model = rundir.checkpoint_params(source, c.model_id, tok, merge=False)
     lora_params = None
     if lora_model is not None:
-        lora_params = rundir.checkpoint_params(source, c.model_id, tok, merge=False)[1]
+        lora_params, params = params, lora_lib.merged(lora_model, params)
+    meta = checkpoint.read_meta(source.path, source.step)
     settings = {f: c[f] for f in PROMPT_FIELDS} | {"stage": trained_stage(c, meta)}
     return Trained(source.describe(), config, params, tok, settings, c.model_id, lora_model, lora_params,
                    meta.get("base"))

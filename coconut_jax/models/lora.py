@@ -48,6 +48,14 @@ class Lora:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def record(self) -> dict:
+        """As a checkpoint's metadata records it (JSON)."""
+        return {**dataclasses.asdict(self), "targets": list(self.targets), "token_ids": list(self.token_ids)}
+
+    @classmethod
+    def from_record(cls, d: dict) -> "Lora":
+        return cls(**{**d, "targets": tuple(d["targets"]), "token_ids": tuple(d["token_ids"])})
+
 
 def projections(family) -> dict[str, tuple[str, int]]:
     """{our projection name: (its Hugging Face module path in a layer, e.g. "attn.c_proj", its
