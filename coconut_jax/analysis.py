@@ -3,6 +3,8 @@
     python -m coconut_jax.analysis --config configs/demo.py [--question 0] [--top_k 5] [--max_k N]
     python -m coconut_jax.analysis --config configs/gsm_simcot.py --decode-steps [--question 0]
 
+The model is the run's (as `coconut_jax.generate` and `coconut_jax.export` read it: its best
+step by accuracy within the last stage it reached; `--step N` or `--best_any_stage` otherwise).
 For a trained model and a question:
   * `thoughts`: the continuous thoughts fed back at each latent position;
   * `decode_thoughts`: each thought read through the LM head (top tokens, probabilities);
@@ -163,18 +165,24 @@ def plot_accuracy_by_thoughts(acc: dict[int, float], path: str, thoughts_per_ste
 
 # -- command line ----------------------------------------------------------------------------
 
-def load_trained(c):
-    """The run of `c` built on its latest checkpoint (else on `load_model_path`, the weights it
-    started from), for inspection (nothing claimed or written)."""
-    from coconut_jax import checkpoint
+def load_trained(c, step: int | None = None, best_any_stage: bool = False):
+    """The run of `c` built on the model of the run (`trained.model_step`; or `step`, or its
+    best step of any stage), else on `load_model_path` (the weights it started from), for
+    inspection (nothing claimed or written)."""
+    from coconut_jax import checkpoint, trained
     from coconut_jax.train import set_up
     c.only_eval = True
     c.wandb_mode = "disabled"
     config_lib.normalize(c)
     ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
-    found = checkpoint.steps(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-    if found:  # the run's own weights win, as they do when it runs (a config's hand-off path is where it began)
-        c.load_model_path = os.path.join(ckpt_dir, str(found[-1]))
+    if os.path.isdir(ckpt_dir) and checkpoint.steps(ckpt_dir):
+        # The run's own weights win, as they do when it runs (a config's hand-off path is where it began).
+        try:
+            source = trained.pick_step(ckpt_dir, c, step, best_any_stage)
+        except trained.TrainedError as e:
+            raise config_lib.ConfigError(str(e)) from None
+        print(f"model: {source.describe()}", flush=True)
+        c.load_model_path = os.path.join(source.path, str(source.step))
     elif c.load_model_path is None:
         raise config_lib.ConfigError(f"{ckpt_dir}: no checkpoint to analyse; train the run first")
     return set_up(c, writes=False)
@@ -245,6 +253,9 @@ def cli():
     flags.DEFINE_integer("max_k", None, "largest number of latent stages at inference (default max_latent_stage)")
     flags.DEFINE_boolean("decode_steps", False, "only the step decoder's text for each group of thoughts (SIM-CoT)")
     flags.DEFINE_alias("decode-steps", "decode_steps")
+    flags.DEFINE_integer("step", None, "the run's checkpoint step (default: the best by accuracy in the last stage reached)")
+    flags.DEFINE_boolean("best_any_stage", False, "the run's best step by accuracy over every stage (best.json)")
+    flags.DEFINE_alias("best-any-stage", "best_any_stage")
     flags.mark_flags_as_required(["config"])
 
     def main(argv):
@@ -252,7 +263,9 @@ def cli():
         quiet_libraries()
         f = flags.FLAGS
         try:
-            run = load_trained(f.config)
+            if f.step is not None and f.best_any_stage:
+                raise config_lib.ConfigError("--step and --best_any_stage both choose the step; give one")
+            run = load_trained(f.config, f.step, f.best_any_stage)
             if f.decode_steps:
                 report_steps(run, f.question, f.max_k)
             else:

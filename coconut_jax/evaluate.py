@@ -174,3 +174,10 @@ def eval_rows_for(c) -> int:
 def max_new_tokens_for(c) -> int:
     """`max_new_tokens`, or the reference's default: 64 for GSM8K (by the file's name), else 128."""
     return c.max_new_tokens or (64 if "gsm" in os.path.basename(c.val_path) else 128)
+
+
+def generation_settings(c) -> dict:
+    """The settings this run's evaluation generates with (`max_new_tokens` resolved): what every
+    checkpoint records, so that `coconut_jax.generate` answers as the run evaluated."""
+    return {"max_new_tokens": max_new_tokens_for(c), "eval_batch_size": c.eval_batch_size,
+            "eval_pad_to_multiple": c.eval_pad_to_multiple, "overlong": c.overlong}

@@ -1,9 +1,11 @@
 """Export a trained run as a Hugging Face directory, or its LoRA adapters in PEFT's format.
 
-    python -m coconut_jax.export RUN_DIR --out DIR [--step N] [--peft] [--push-to-hub REPO]
+    python -m coconut_jax.export RUN_DIR --out DIR [--step N | --best-any-stage] [--peft] [--push-to-hub REPO]
 
-RUN_DIR is `save_path/name`. The step is the one `load_model_path=RUN_DIR/checkpoints` would
-pick (best by accuracy, else the latest) unless `--step` names one. The directory holds
+RUN_DIR is `save_path/name`. The step is the model of the run (`trained.model_step`: the best
+by accuracy within the last stage it reached, else its latest) unless `--step` names one or
+`--best-any-stage` asks for the best of every stage (what `load_model_path=RUN_DIR/checkpoints`
+hands off). The directory holds
 config.json, model.safetensors (LoRA merged), the tokenizer with the latent tokens and
 `coconut_jax.json` (the prompt settings `coconut_jax.generate` reads); `from_pretrained` loads
 it, and it is a valid `load_model_path` of ours. `--peft` writes `adapter_config.json` and
@@ -56,15 +58,20 @@ def main(argv=None, api=None) -> int:
     p = argparse.ArgumentParser(prog="python -m coconut_jax.export", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="the run's directory, save_path/name")
     p.add_argument("--out", required=True, help="the directory to write")
-    p.add_argument("--step", type=int, default=None, help="the checkpoint step (default: best, else latest)")
+    p.add_argument("--step", type=int, default=None,
+                   help="the checkpoint step (default: the best by accuracy in the last stage reached)")
+    p.add_argument("--best-any-stage", dest="best_any_stage", action="store_true",
+                   help="the run's best step by accuracy over every stage (best.json), as a hand-off takes it")
     p.add_argument("--peft", action="store_true", help="write the LoRA adapters in PEFT's format")
     p.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO",
                    help="upload the written directory to this hub repository")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     a = p.parse_args(argv)
     try:
-        t = trained.from_run(a.run_dir, a.step)
-        print(f"exporting {t.where}, trained at stage {t.settings['stage']}", flush=True)
+        if a.step is not None and a.best_any_stage:
+            raise trained.TrainedError("--step and --best-any-stage both choose the step; give one")
+        t = trained.from_run(a.run_dir, a.step, a.best_any_stage)
+        print(f"exporting {t.where}, trained at {trained.describe_stage(t.settings)}", flush=True)
         out = export(t, a.out, a.peft, a.overwrite)
     except (trained.TrainedError, rundir.RunDirError, checkpoint.CheckpointFault, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,15 +3,17 @@
     python -m coconut_jax.generate RUN_DIR_OR_HF_DIR --question "..." [--thoughts K] [--show-thoughts]
     python -m coconut_jax.generate RUN_DIR_OR_HF_DIR --input FILE.json [--thoughts K]
 
-The model is read as `coconut_jax.export` reads it (a run's best step, else its latest, or
-`--step N`; or a directory it exported). The prompt is the method's at the stage that step was
-trained at: the question, then `<|start-latent|>`, the thoughts and `<|end-latent|>` for
-methods with latent tokens (a question without written steps gets the thoughts of one with
-steps enough; `--thoughts K` sets their number). Generation is evaluation's own (batched,
-KV-cached, greedy), so an answer to a validation question equals that question's line in the
-run's predictions file. Output: one JSON line per question, with a predictions-file line's
-fields (`thoughts` is their number); `--show-thoughts` adds `thought_tokens`, each continuous
-thought's top tokens with their probabilities (as `coconut_jax.analysis` reads them).
+The model is read as `coconut_jax.export` reads it (the model of the run: its best step by
+accuracy within the last stage it reached; `--best-any-stage` for the best of any stage,
+`--step N` for one step; or a directory it exported). The prompt is the method's at the stage
+that step was trained at: the question, then `<|start-latent|>`, the thoughts and
+`<|end-latent|>` for methods with latent tokens (a question without written steps gets the
+thoughts of one with steps enough; `--thoughts K` sets their number). Generation is the run's
+evaluation, with its settings (`max_new_tokens`, batch rows, prompt buckets; flags override
+them), so an answer to a validation question equals that question's line in the run's
+predictions file. Output: one JSON line per question, with a predictions-file line's fields
+(`thoughts` is their number); `--show-thoughts` adds `thought_tokens`, each continuous thought's
+top tokens with their probabilities (as `coconut_jax.analysis` reads them).
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ import json
 import os
 import sys
 
-from coconut_jax import checkpoint, data, evaluate, latent_vocab, models, rundir, trained
+import jax
+
+from coconut_jax import checkpoint, config as config_lib, data, evaluate, latent_vocab, models, rundir, trained
 
 
 def exactly(method: str, thoughts: int) -> tuple[data.Curriculum, int]:
@@ -60,23 +64,30 @@ def thought_tokens(model, params, prompt, tokens, tok, top_k: int) -> list[list[
 
 
 def ask(t: trained.Trained, records: list[dict], examples, cur: data.Curriculum, stage: int, *,
-        max_new_tokens: int, batch_size: int = 8, show_thoughts: int = 0) -> list[dict]:
-    """One dict per record: a predictions-file line (and its thoughts' top tokens)."""
+        max_new_tokens: int | None = None, batch_size: int | None = None, show_thoughts: int = 0) -> list[dict]:
+    """One dict per record: a predictions-file line (and its thoughts' top tokens), generated
+    with the run's evaluation settings (`t.settings`) unless `max_new_tokens` or `batch_size`
+    say otherwise."""
+    g = t.settings
+    max_new_tokens = g["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+    batch_size = batch_size or config_lib.eval_rows(g["eval_batch_size"], jax.default_backend())
     tokens = latent_vocab.latent_tokens(t.tok)
     model = models.build(t.config)
     context = model.config.n_positions
-    for r, ex in enumerate(examples):
+    for r, ex in enumerate(examples if g["overlong"] == "error" else ()):  # "skip" leaves them out, as the run did
         n = len(data.eval_prompt(ex, stage, cur, tokens))
         if n + max_new_tokens - 1 > context:
             raise trained.TrainedError(f"question {r}: its prompt of {n} tokens and --max-new-tokens={max_new_tokens} "
                                        f"do not fit the model's context of {context} tokens")
     preds = evaluate.generate_predictions(model, t.params, examples, records, stage, cur, tokens, t.tok,
                                           batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                          context=model.config.n_positions)
+                                          multiple=g["eval_pad_to_multiple"], context=context,
+                                          overlong=g["overlong"])
     out = [p.to_json() for p in preds]
     if show_thoughts and cur.feedback:
-        for line, ex in zip(out, examples):
-            prompt = data.eval_prompt(ex, stage, cur, tokens)
+        by_index = {ex.idx: ex for ex in examples}
+        for line in out:
+            prompt = data.eval_prompt(by_index[line["index"]], stage, cur, tokens)
             line["thought_tokens"] = [[[s, round(float(p), 4)] for s, p in top]
                                 for top in thought_tokens(model, t.params, prompt, tokens, t.tok, show_thoughts)]
     return out
@@ -88,21 +99,28 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--question", help="one question")
     src.add_argument("--input", help="a Coconut JSON file (question, steps, answer per record)")
-    p.add_argument("--step", type=int, default=None, help="a run's checkpoint step (default: best, else latest)")
+    p.add_argument("--step", type=int, default=None,
+                   help="a run's checkpoint step (default: the best by accuracy in the last stage reached)")
+    p.add_argument("--best-any-stage", dest="best_any_stage", action="store_true",
+                   help="the run's best step by accuracy over every stage (best.json), as a hand-off takes it")
     p.add_argument("--thoughts", type=int, default=None, help="continuous thoughts per prompt (default: the stage's)")
     p.add_argument("--show-thoughts", dest="show_thoughts", action="store_true",
                    help="each thought's top tokens (continuous-thought methods)")
     p.add_argument("--top-k", dest="top_k", type=int, default=5, help="tokens shown per thought")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=64)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="default: the run's (its evaluation's max_new_tokens); 64 for a plain HF directory")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="rows per generation batch (default: the run's eval_batch_size)")
     a = p.parse_args(argv)
     try:
         if a.thoughts is not None and a.thoughts < 0:
             raise trained.TrainedError(f"--thoughts={a.thoughts} must be >= 0")
-        t = trained.open_trained(a.model, a.step)
+        if a.step is not None and a.best_any_stage:
+            raise trained.TrainedError("--step and --best-any-stage both choose the step; give one")
+        t = trained.open_trained(a.model, a.step, a.best_any_stage)
         cur, stage, fixed = curriculum_for(t.settings, a.thoughts)
         records, examples, cur, stage = questions(a, t.tok, cur, stage, fixed)
-        shown = f"{a.thoughts} thoughts" if fixed else f"the prompts of stage {t.settings['stage']}"
+        shown = f"{a.thoughts} thoughts" if fixed else f"the prompts of {trained.describe_stage(t.settings)}"
         print(f"model: {t.where}; method {cur.method}, {shown}", file=sys.stderr, flush=True)
         lines = ask(t, records, examples, cur, stage, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
                     show_thoughts=a.top_k if a.show_thoughts else 0)

@@ -21,28 +21,15 @@ import re
 import sys
 import time
 
-FLAGS_OWN = ("devices", "device-memory", "length", "json")
-
-
-def _own_flags(argv: list[str]) -> tuple[dict, list[str]]:
-    """This command's flags, taken out before JAX starts (`--devices` sets the device count)."""
-    own, rest, i = {}, [argv[0]], 1
-    while i < len(argv):
-        arg = argv[i]
-        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if name.replace("_", "-") in FLAGS_OWN:
-            key = name.replace("_", "-")
-            if key == "json":
-                own[key] = True
-            elif "=" in arg:
-                own[key] = arg.split("=", 1)[1]
-            else:
-                i += 1
-                own[key] = argv[i] if i < len(argv) else ""
-        else:
-            rest.append(arg)
-        i += 1
-    return own, rest
+def _device_count(argv: list[str]) -> int | None:
+    """`--devices N` read before JAX starts (it sets the number of fake CPU devices); absl
+    parses it again with the other flags."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--devices="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return None
 
 
 def parse_size(text: str) -> float:
@@ -219,9 +206,9 @@ def format_plan(p: dict) -> str:
 
 
 def cli(argv=None):
-    own, rest = _own_flags(list(sys.argv if argv is None else argv))
-    if own.get("devices"):
-        n = int(own["devices"])
+    argv = list(sys.argv if argv is None else argv)
+    n = _device_count(argv)
+    if n:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")
         os.environ["JAX_PLATFORMS"] = "cpu"
     from absl import app, flags
@@ -229,21 +216,27 @@ def cli(argv=None):
 
     from coconut_jax import config as config_lib, hf
     config_flags.DEFINE_config_file("config", None, "the run's configuration file", lock_config=True)
+    flags.DEFINE_integer("devices", None, "plan for N devices: N fake CPU devices (default: the devices present)")
+    flags.DEFINE_string("device_memory", None, "memory per device (e.g. 16GB, 80GiB): does the run fit, and "
+                        "which of its settings bring it under")
+    flags.DEFINE_alias("device-memory", "device_memory")
+    flags.DEFINE_integer("length", None, "tokens per sequence (default: the model's context)")
+    flags.DEFINE_boolean("json", False, "print the plan as JSON")
     flags.mark_flags_as_required(["config"])
 
     def main(_):
         import json
         from coconut_jax.train import quiet_libraries
         quiet_libraries()
+        f = flags.FLAGS
         try:
-            memory = parse_size(own["device-memory"]) if own.get("device-memory") else None
-            c = flags.FLAGS.config
-            p = make_plan(c, length=int(own["length"]) if own.get("length") else None, device_memory=memory)
+            memory = parse_size(f.device_memory) if f.device_memory else None
+            p = make_plan(f.config, length=f.length, device_memory=memory)
         except (ValueError, config_lib.ConfigError, hf.CheckpointError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-        print(json.dumps(p, indent=1) if own.get("json") else format_plan(p))
-    app.run(main, argv=rest, flags_parser=config_lib.parse_flags)
+        print(json.dumps(p, indent=1) if f.json else format_plan(p))
+    app.run(main, argv=argv, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

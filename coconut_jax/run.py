@@ -14,7 +14,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import checkpoint, config as config_lib, data, hf, latent_vocab, models, rundir, sharding, steps
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, models, rundir, sharding,
+                         steps)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
@@ -212,7 +213,7 @@ def save(run: Run, end_of_epoch: bool, eval_acc: float | None = None, best: bool
         return
     meta = {"step": at.step, "epoch": at.epoch, "batch_in_epoch": at.batch_in_epoch,
             "stage": run.cur.stage(at.epoch), "metrics_count": ctx.sink.count, "best_acc": at.best_acc,
-            "eval_acc": eval_acc, "method": run.c.method}
+            "eval_acc": eval_acc, "method": run.c.method, "generation": evaluate.generation_settings(run.c)}
     if run.base is not None:
         meta.update(base=run.base, lora=run.model.lora.record())
     ctx.ckpt.save(at.step, run.state.checkpoint_tree(), meta, end_of_epoch=end_of_epoch,

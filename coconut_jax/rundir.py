@@ -9,7 +9,8 @@ The rules, in the order they apply (SPEC §7 and the reference's `run.py`):
    latest, whatever `load_model_path` and `resume` say (a preempted chain restarts with the
    same command). A run with none starts over: what an interrupted start logged is dropped.
 3. **Otherwise weights come from `load_model_path`**: a checkpoint of ours (a `checkpoints`
-   directory, meaning the step `best.json` names, else the latest; or one step), a Hugging
+   directory, meaning the step `best.json` names, the best of every stage as the paper's
+   hand-off takes it, else the latest; or one step), a Hugging
    Face directory, or a reference PyTorch file. They load first, at their own shapes; then
    the vocabulary grows and the latent rows are copied from `<<` when the method needs them.
    A Coconut checkpoint cannot start a method without latent tokens (as in the reference).
@@ -152,7 +153,8 @@ def weight_source(load_model_path: str | None) -> Source:
                 # Never another step in its place: a hand-off takes the weights the user meant or none.
                 raise RunDirError(f"load_model_path={path!r}: {checkpoint.BEST_FILE} names step {step}, which is "
                                   f"not there; name a step (one of {steps})")
-            return Source("ours", ckpt_dir, step, f"best by accuracy, {checkpoint.BEST_FILE}")
+            # The paper's hand-off: the run's best step of any stage (a CoT run's best CoT checkpoint).
+            return Source("ours", ckpt_dir, step, f"best by accuracy over every stage, {checkpoint.BEST_FILE}")
         if not steps:
             raise RunDirError(f"load_model_path={path!r}: no checkpoint in this directory")
         return Source("ours", ckpt_dir, steps[-1], f"latest; no {checkpoint.BEST_FILE}")

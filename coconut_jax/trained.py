@@ -1,12 +1,19 @@
 """A trained model read back for use outside training (`coconut_jax.export`,
-`coconut_jax.generate`): from a run directory (`save_path/name`) at the step `load_model_path`
-would pick (best by accuracy, else the latest) or a step named, or from a Hugging Face
-directory `coconut_jax.export` wrote.
+`coconut_jax.generate`, `coconut_jax.analysis`): from a run directory (`save_path/name`) at
+*the model of the run* (`model_step`), or a step named, or from a Hugging Face directory
+`coconut_jax.export` wrote.
 
-What a prompt needs besides the weights (method, thoughts per step, the stage the step was
-trained at) comes from the run's `run.json` and the step's metadata; an export writes it to
-`coconut_jax.json` beside the model, so a question asked of the export is asked as the run
-would ask it.
+The model of a run is what it ends with: the best step by validation accuracy among the steps
+trained at the last stage the run reached (the latest step when none recorded an accuracy). A
+Coconut run asked a question answers with its final stage's thoughts, not with an earlier
+stage that scored higher but still writes part of its chain. `best_any_stage` takes the best
+step of the whole run instead: the rule of hand-offs (`load_model_path`), where a CoT run's best
+checkpoint starts the Coconut run, as in the paper.
+
+What a prompt and its generation need besides the weights (method, thoughts per step, the stage
+the step was trained at, the run's evaluation settings) comes from the run's `run.json` and the
+step's metadata; an export writes it to `coconut_jax.json` beside the model, so a question asked
+of the export is asked, and answered, as the run's evaluation would.
 """
 from __future__ import annotations
 
@@ -14,12 +21,17 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, config as config_lib, hf, methods, rundir
+from coconut_jax import checkpoint, config as config_lib, evaluate, hf, methods, rundir
 from coconut_jax.models import lora as lora_lib
 
 SETTINGS_FILE = "coconut_jax.json"
-# The run settings a prompt depends on (with the stage).
+# The run settings a prompt depends on (with the stage; beside them, those its evaluation
+# generated with: `evaluate.generation_settings`).
 PROMPT_FIELDS = ("method", "c_thought", "max_latent_stage", "epochs_per_stage", "pad_latent_to_max")
+# What a Hugging Face directory without SETTINGS_FILE is asked with: a plain language model.
+PLAIN_SETTINGS = {"method": "cot", "c_thought": 1, "max_latent_stage": 0, "epochs_per_stage": 1,
+                  "pad_latent_to_max": False, "stage": 0, "max_new_tokens": 64, "eval_batch_size": 0,
+                  "eval_pad_to_multiple": 128, "overlong": "error"}
 
 
 class TrainedError(ValueError):
@@ -32,7 +44,7 @@ class Trained:
     config: object           # the model family's config
     params: dict             # host f32 params of the plain model (LoRA merged)
     tok: object
-    settings: dict           # PROMPT_FIELDS and "stage"
+    settings: dict           # PROMPT_FIELDS, "stage" and the generation settings
     model_id: str            # the run's model_id (what a PEFT export's base is)
     lora_model: object = None  # a LoRA run's model (None otherwise) ...
     lora_params: dict | None = None  # ... and its params with the adapters unmerged
@@ -69,21 +81,56 @@ def trained_stage(c, meta: dict) -> int:
     return methods.get(c.method).stage(epoch, c.epochs_per_stage)
 
 
-def pick_step(ckpt_dir: str, step: int | None) -> rundir.Source:
-    if step is None:
+def describe_stage(settings: dict, stage: int | None = None) -> str:
+    """"stage 5 (6 thoughts)": a stage and the thoughts its prompts carry."""
+    from coconut_jax import data
+    stage = settings["stage"] if stage is None else stage
+    cur = data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
+                          settings["epochs_per_stage"], settings["pad_latent_to_max"])
+    if not cur.markers:
+        return f"stage {stage} (no thoughts)"
+    k = cur.eval_latents(cur.max_latent_stage, stage)
+    return f"stage {stage} ({'' if cur.pad_latent_to_max else 'up to '}{k} thought{'s' if k != 1 else ''})"
+
+
+def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> rundir.Source:
+    """The model of a run (this module's docstring): the best step by accuracy within the last
+    stage its checkpoints reached, else its latest; with `best_any_stage`, the step a hand-off
+    takes (`best.json`: the best of every stage)."""
+    if best_any_stage:
         return rundir.weight_source(ckpt_dir)
+    found = []
+    for step in checkpoint.steps(ckpt_dir):
+        try:
+            meta = checkpoint.read_meta(ckpt_dir, step)
+        except (OSError, ValueError):  # a damaged step: judged (and named) only if it is picked
+            continue
+        found.append((trained_stage(c, meta), step, meta.get("eval_acc")))
+    if not found:
+        raise TrainedError(f"{ckpt_dir}: no checkpoint whose metadata reads")
+    last = max(stage for stage, _, _ in found)
+    scored = [(acc, -step) for stage, step, acc in found if stage == last and acc is not None]
+    if scored:
+        acc, step = max(scored)  # the earliest of equals, as best.json names them
+        return rundir.Source("ours", ckpt_dir, -step, f"best by accuracy ({acc:.4f}) in the last stage reached")
+    return rundir.Source("ours", ckpt_dir, max(step for _, step, _ in found), "latest; no accuracy recorded")
+
+
+def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) -> rundir.Source:
+    if step is None:
+        return model_step(ckpt_dir, c, best_any_stage)
     have = checkpoint.steps(ckpt_dir)
     if step not in have:
         raise TrainedError(f"{ckpt_dir}: no step {step} (steps: {', '.join(map(str, have)) or 'none'})")
     return rundir.Source("ours", ckpt_dir, step, "the step named")
 
 
-def from_run(run_dir: str, step: int | None = None) -> Trained:
+def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False) -> Trained:
     c = run_config(run_dir)
     ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise TrainedError(f"{run_dir}: no checkpoints (a run with debug=True saves none)")
-    source = pick_step(ckpt_dir, step)
+    source = pick_step(ckpt_dir, c, step, best_any_stage)
     tok = hf.load_tokenizer(c.model_id)
     # Read once (a LoRA run's base is loaded and digested once), merged here when it has adapters.
     config, params, lora_model = rundir.checkpoint_params(source, c.model_id, tok, merge=False)
@@ -91,7 +138,10 @@ def from_run(run_dir: str, step: int | None = None) -> Trained:
     if lora_model is not None:
         lora_params, params = params, lora_lib.merged(lora_model, params)
     meta = checkpoint.read_meta(source.path, source.step)
-    settings = {f: c[f] for f in PROMPT_FIELDS} | {"stage": trained_stage(c, meta)}
+    # The step records how its run's evaluation generated; a step saved before it did so gets
+    # what run.json gives (the defaults of the fields it does not record).
+    generation = meta.get("generation") or evaluate.generation_settings(c)
+    settings = {f: c[f] for f in PROMPT_FIELDS} | {"stage": trained_stage(c, meta)} | generation
     return Trained(source.describe(), config, params, tok, settings, c.model_id, lora_model, lora_params,
                    meta.get("base"))
 
@@ -102,22 +152,22 @@ def from_hf(model_dir: str) -> Trained:
     config, params = hf.load_pretrained(model_dir)
     tok = hf.load_tokenizer(model_dir)
     path = os.path.join(model_dir, SETTINGS_FILE)
-    settings = {"method": "cot", "c_thought": 1, "max_latent_stage": 0, "epochs_per_stage": 1,
-                "pad_latent_to_max": False, "stage": 0}
+    settings = dict(PLAIN_SETTINGS)
     if os.path.isfile(path):
         with open(path) as f:
             settings.update(json.load(f))
     return Trained(model_dir, config, params, tok, settings, model_dir)
 
 
-def open_trained(path: str, step: int | None = None) -> Trained:
+def open_trained(path: str, step: int | None = None, best_any_stage: bool = False) -> Trained:
     """A run directory or a Hugging Face directory (`TrainedError` for anything else)."""
     if os.path.isfile(os.path.join(path, "config.json")):
-        if step is not None:
-            raise TrainedError(f"{path}: a Hugging Face directory has no steps (--step is for run directories)")
+        if step is not None or best_any_stage:
+            raise TrainedError(f"{path}: a Hugging Face directory has no steps (--step and --best-any-stage are "
+                               f"for run directories)")
         return from_hf(path)
     if os.path.isfile(os.path.join(path, rundir.RUN_FILE)):
-        return from_run(path, step)
+        return from_run(path, step, best_any_stage)
     if not os.path.isdir(path):
         raise TrainedError(f"{path}: not found")
     raise TrainedError(f"{path}: neither a run directory of coconut_jax (run.json) nor a Hugging Face "

@@ -3,7 +3,7 @@
 A CoT stage, then stages that replace one reasoning step each with a continuous thought.
 Nothing is downloaded: the data generator and the tokenizer/model builder run locally.
 The graphs are smaller than the published ProsQA (6-10 nodes, 2-3 reasoning steps, 40 concept
-names instead of 175) so a 2-layer model learns the task in minutes; `configs/prosqa.py` is
+names instead of 175) so a 2-layer model learns the task on 2 CPU cores (docs/demo.md says how long); `configs/prosqa.py` is
 the published setting. The model starts with a fact-lookup circuit wired into its initial weights
 (`prepare.induction_heads`, see `coconut_jax/demo/induction.py`): from GPT-2's random init that circuit
 takes far longer to grow than the demo's budget, and without it the demo ends near chance.
@@ -38,7 +38,7 @@ def get_config():
     c.model_id = ""
     c.prepare.kind = "synthetic_prosqa"
     c.prepare.train = 6000
-    c.prepare.valid = 1000  # a figure's standard error about 0.013
+    c.prepare.valid = 1000  # an accuracy's standard error 0.012-0.016 (docs/demo.md)
     c.prepare.min_nodes = 6
     c.prepare.max_nodes = 10
     c.prepare.steps = (2, 3)

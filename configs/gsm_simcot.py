@@ -1,5 +1,5 @@
 """GSM8K SIM-CoT: Coconut plus step-level supervision of the thoughts, from the Coconut run of
-configs/gsm.py (SPEC-SIMCOT §5, the SIM-CoT repository's `Coconut/args/gsm_simcot.yaml`).
+configs/gsm.py (the SIM-CoT repository's `Coconut/args/gsm_simcot.yaml`).
 
     python -m coconut_jax.train --config configs/gsm_simcot.py
 
@@ -19,7 +19,7 @@ def get_config():
     c.c_thought, c.epochs_per_stage, c.max_latent_stage = 2, 3, 5
     c.pad_latent_to_max = True
     c.uniform_prob = 0.0
-    c.step_groups = "brackets"  # the reference's parse of GSM8K-Aug's <<...>> steps (SPEC-SIMCOT §2)
+    c.step_groups = "brackets"  # the reference's parse of GSM8K-Aug's <<...>> steps (docs/simcot.md)
     c.resume = 3                # gsm_simcot.yaml `resume: 3`: starts at stage 1
     c.num_epochs = 35           # gsm_simcot.yaml; the published model is its checkpoint 30
     c.global_batch_size = 64    # batch_size_training 8 on 8 GPUs

@@ -2,7 +2,7 @@
 
 The reference's `gsm_simcot_eval.yaml` sets `resume: 3`, which evaluates at stage 1 (2 of the
 10 thoughts the model was trained with); the paper's 12.2 generated tokens imply the final
-stage, which is what this config evaluates (SPEC-SIMCOT §4).
+stage, which is what this config evaluates (docs/simcot.md).
 """
 from configs import gsm_simcot
 

@@ -280,7 +280,7 @@ def test_run_with_a_damaged_newest_step_resumes_from_the_one_before_and_ends_as_
     assert len(damaged) == 1 and damaged[0].startswith(f"checkpoint {run}/checkpoints/12 is damaged (")
     assert f"resumed from {run}/checkpoints/8: epoch 3, batch 0" in r.stdout and "Traceback" not in r.stderr
     assert sorted(os.listdir(run / "checkpoints")) == ["12", "12.damaged", "4", "8", "best.json"]
-    assert_first_epochs_match(tiny_run, run, ("train/loss", "eval/loss", "eval/acc"), epochs=3, tol=0)
+    assert_first_epochs_match(tiny_run, run, epochs=3, tol=0)
     assert _equal(stored_params(tiny_run), stored_params(run))
     best = json.load(open(run / "checkpoints" / "best.json"))["step"]
     assert best in checkpoint.steps(str(run / "checkpoints"))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -46,12 +47,20 @@ def _lora_logits(run_dir, ids, step=None):
     return t, np.asarray(m.logits(p, h))
 
 
+def model_of_the_run(run_dir) -> int:
+    """The step export and generate must pick, from the run's metrics: the best end-of-epoch
+    evaluation of the last stage evaluated (the earliest of equals)."""
+    evals = [e for e in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if "eval/acc" in e]
+    last = max(e["stage"] for e in evals)
+    return max((e["eval/acc"], -e["step"]) for e in evals if e["stage"] == last)[1] * -1
+
+
 def test_export_writes_what_from_pretrained_loads_with_the_same_logits(lora_run, tmp_path):
     out = tmp_path / "export"
     r = cli("export", lora_run, "--out", out)
     ckpt = lora_run / "checkpoints"
-    best = checkpoint.best_named(str(ckpt))
-    assert f"exporting {ckpt}/{best} (best by accuracy" in r.stdout
+    assert f"exporting {ckpt}/{model_of_the_run(lora_run)} (best by accuracy (" in r.stdout
+    assert "in the last stage reached), trained at stage 2 (2 thoughts)" in r.stdout
     assert {"config.json", "model.safetensors", "tokenizer.json", trained.SETTINGS_FILE} <= set(os.listdir(out))
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert "<|latent|>" in tok.get_vocab()
@@ -91,11 +100,14 @@ def test_generate_answers_as_the_run_evaluated(lora_run, tmp_path):
     step = checkpoint.steps(ckpt)[-1]
     epoch = checkpoint.read_meta(ckpt, step)["epoch"]
     want = [json.loads(x) for x in (lora_run / f"predictions_epoch{epoch}.jsonl").read_text().splitlines()]
-    r = cli("generate", lora_run, "--input", valid, "--step", step, "--max-new-tokens", 16)
+    # No flag but the step: the run's own generation settings (configs/tiny.py: max_new_tokens=16,
+    # eval_batch_size=16) are generate's defaults.
+    r = cli("generate", lora_run, "--input", valid, "--step", step)
     assert [json.loads(x) for x in r.stdout.splitlines()] == want
     out = tmp_path / "export"
     cli("export", lora_run, "--out", out, "--step", step)
-    r = cli("generate", out, "--input", valid, "--max-new-tokens", 16)
+    assert json.loads((out / trained.SETTINGS_FILE).read_text())["max_new_tokens"] == 16
+    r = cli("generate", out, "--input", valid)
     assert [json.loads(x) for x in r.stdout.splitlines()] == want
 
 
@@ -156,16 +168,22 @@ def test_push_to_hub_uploads_the_written_directory(lora_run, tmp_path, capsys):
 
 
 def test_a_full_fine_tuning_run_exports_and_its_export_is_a_load_model_path(tiny_run, tmp_path):
-    """Without LoRA, the export is the checkpoint's params; evaluating it with only_eval at the
-    stage it was trained at gives the accuracy the run logged for that epoch."""
+    """Without LoRA, the export is the checkpoint's params (every array, the latent rows
+    included); evaluating it with only_eval at the stage it was trained at gives the accuracy
+    the run logged for that epoch."""
     out = tmp_path / "export"
     cli("export", tiny_run, "--out", out)
     ckpt = os.path.join(tiny_run, "checkpoints")
-    step = checkpoint.best_named(ckpt)
+    step = model_of_the_run(tiny_run)
     meta = checkpoint.read_meta(ckpt, step)
     config, params = hf.load_pretrained(str(out))
     stored = checkpoint.load_params(ckpt, step)
-    np.testing.assert_array_equal(params["wte"], stored["wte"])
+    flat = lambda tree: {"/".join(str(k.key) for k in path): np.asarray(v)
+                         for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got, want = flat(params), flat(stored)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     prepared = os.path.join(tiny_run, "prepared")
     r = run_cli(tmp_path, "--config.prepare.kind=", f"--config.model_id={prepared}/model",
                 f"--config.train_path={prepared}/prosqa_train.json", f"--config.val_path={prepared}/prosqa_valid.json",

@@ -187,3 +187,31 @@ def test_a_config_that_prepares_its_data_refuses_a_users_data_or_model(tmp_path,
         config_lib.validate(c)
     assert str(e.value) == (f"config: {field}={str(mine)!r} is set, but prepare.kind='synthetic_prosqa' generates "
                             f"the data and model; add --config.prepare.kind= to use yours")
+
+
+# -- the model of a run (export, generate, analysis) --------------------------------------------
+
+def test_the_model_of_a_run_is_the_best_of_its_last_stage_not_of_every_stage(tmp_path):
+    """A run whose CoT stage scored best: export/generate/analysis take the best step of the last
+    stage reached (the earliest of equals); `best_any_stage` and a hand-off take best.json's."""
+    from coconut_jax import trained
+    c = _config(tmp_path, epochs_per_stage=2, max_latent_stage=3)
+    ck = checkpoint.Checkpoints(str(tmp_path / "checkpoints"))
+    tree = {"params": {"w": np.zeros(2, np.float32)}}
+    # (step, epoch after it, batch in epoch, accuracy): epochs 1-2 are stage 0, 3-4 stage 1.
+    for step, epoch, batch, acc in [(2, 1, 0, 0.9), (4, 2, 0, 0.8), (6, 3, 0, 0.6), (8, 4, 0, 0.6), (9, 4, 1, None)]:
+        ck.save(step, tree, {"step": step, "epoch": epoch, "batch_in_epoch": batch, "eval_acc": acc},
+                end_of_epoch=batch == 0, best_acc=0.9 if step == 2 else None)
+        ck.wait()
+        if step == 8:
+            picked = trained.model_step(ck.dir, c)
+            assert (picked.step, picked.why) == (6, "best by accuracy (0.6000) in the last stage reached")
+            assert trained.describe_stage(dict(c, stage=1)) == "stage 1 (1 thought)"
+    ck.close()
+    # Step 9 is mid-epoch 5 (stage 2), which has no accuracy yet: the latest step.
+    assert trained.model_step(ck.dir, c).step == 9
+    assert trained.model_step(ck.dir, c, best_any_stage=True).step == 2
+    assert rundir.weight_source(ck.dir).step == 2
+    assert trained.pick_step(ck.dir, c, 4).step == 4
+    with pytest.raises(trained.TrainedError, match="no step 5"):
+        trained.pick_step(ck.dir, c, 5)
