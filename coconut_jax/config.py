@@ -46,6 +46,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 50
     c.lr = 1e-4
     c.weight_decay = 0.01
+    # The optimizer beyond the reference's constant-rate AdamW (coconut_jax/optimizer.py); these
+    # defaults are the reference's. CODI's recipes: cosine, warm-up 0.03, clipping at 2.0, no
+    # decay on biases and norms (Hugging Face Trainer's defaults).
+    c.lr_schedule = "constant"         # "constant" or "cosine" (to 0 at the run's last step)
+    c.warmup_ratio = 0.0               # the first ceil(ratio x steps) steps rise linearly to lr
+    c.max_grad_norm = 0.0              # global gradient-norm clipping (0: none)
+    c.decay_norms_and_biases = True    # False: no weight decay on biases and normalisation scales
     c.debug = False
     # coconut_jax additions
     c.eval_batch_size = 0              # rows per generation batch; 0: 64 on GPUs/TPUs, 8 on CPU (eval_rows)
@@ -139,7 +146,8 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     need(c.overlong in OVERLONG_POLICIES, f"overlong={c.overlong!r} is not one of {OVERLONG_POLICIES}")
     need(c.step_groups in STEP_RULES, f"step_groups={c.step_groups!r} is not one of {', '.join(STEP_RULES)}")
     need(c.wandb_mode in ("online", "offline", "disabled"), f"wandb_mode={c.wandb_mode!r} must be online, offline or disabled")
-    for problem in method.config_errors(c):
+    from coconut_jax import optimizer
+    for problem in method.config_errors(c) + optimizer.config_errors(c):
         need(False, problem)
     need(c.epochs_per_stage >= 1, "epochs_per_stage must be >= 1")
     need(c.max_latent_stage >= 0, "max_latent_stage must be >= 0")

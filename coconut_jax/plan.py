@@ -75,13 +75,13 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
     """Per-device memory and compile time of the training step at `stage`."""
     import jax.numpy as jnp
 
-    from coconut_jax import costs, steps
+    from coconut_jax import costs, optimizer, steps
     from coconut_jax.run import build_model, trains
     spec = cur.spec
     model = build_model(c, config, _lora_tokens(spec, config))
     # A part's source is model_id's pretrained model (rundir.load_part_weights): its config.
     part_models = tuple((p.name, build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
-    tx = steps.make_optimizer(c)
+    tx = optimizer.make_optimizer(c)
     layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models,
                           trains(model, spec))
     n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step

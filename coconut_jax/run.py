@@ -14,8 +14,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, models, rundir, sharding,
-                         steps)
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, models, optimizer, rundir,
+                         sharding, steps)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
@@ -151,14 +151,15 @@ def build_run(ctx: RunContext) -> Run:
         params = lora_lib.attach(model, params, c.seed)
     parts = {name: (build_model(c, part_config, lora=False), part_params)
              for name, (part_config, part_params) in rundir.load_part_weights(source, c.method, c.model_id).items()}
-    state = steps.TrainState(model, params, ctx.mesh, steps.make_optimizer(c), jnp.dtype(c.param_dtype),
-                             loss=cur.spec.loss, parts=parts, trains=trains(model, cur.spec),
-                             base_in_checkpoint=model.lora is None)
     val_records, val_examples = data.load_dataset(
         c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
     train_examples = [] if c.only_eval else data.load_dataset(
         c.train_path, tok, 5000 if c.debug else None, c.cache_dir, with_records=False,
         tfds_data_dir=c.tfds_data_dir)[1]
+    # The learning-rate schedule spans the optimizer steps of the epochs this run trains.
+    tx = optimizer.make_optimizer(c, optimizer.total_steps(c, len(train_examples)))
+    state = steps.TrainState(model, params, ctx.mesh, tx, jnp.dtype(c.param_dtype), loss=cur.spec.loss, parts=parts,
+                             trains=trains(model, cur.spec), base_in_checkpoint=model.lora is None)
     targets = None
     if cur.spec.step_targets:
         targets = data.StepTargets(c.step_groups, data.step_ids(tok), c.max_latent_stage, cur.thoughts_per_step)

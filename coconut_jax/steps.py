@@ -16,10 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coconut_jax import sharding, trainable
-
-
-def make_optimizer(c):
-    return optax.adamw(c.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=c.weight_decay)
+from coconut_jax.optimizer import carry_schedule
 
 
 def _part_args(part_models, parts) -> dict:
@@ -236,7 +233,8 @@ class TrainState:
         return trainable.unpack(self.trained, self.frozen, bool(self.part_models))[1]
 
     def reset_optimizer(self) -> None:
-        self.opt_state = self._init(self.trained)
+        """New moments (the reference resets them every epoch); a schedule keeps its position."""
+        self.opt_state = carry_schedule(self._init(self.trained), self.opt_state)
 
     def new_accumulator(self):
         return self._zeros(self.trained)

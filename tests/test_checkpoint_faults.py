@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, files, hf, metrics, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, metrics, rundir, optimizer, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Model
 from tests.conftest import ROOT, assert_first_epochs_match, cli_command, run_cli, stored_params
 
@@ -27,7 +27,7 @@ from tests.conftest import ROOT, assert_first_epochs_match, cli_command, run_cli
 def state(tiny_dir):
     """The tiny model's params (seeded, so fixed bytes) and moments that are functions of them."""
     config, params = hf.load_pretrained(tiny_dir)
-    s = steps.TrainState(GPT2Model(config), params, sharding.make_mesh(), steps.make_optimizer(config_lib.base_config()))
+    s = steps.TrainState(GPT2Model(config), params, sharding.make_mesh(), optimizer.make_optimizer(config_lib.base_config()))
     adam = s.opt_state[0]
     s.opt_state = (adam._replace(count=adam.count + 3, mu=jax.tree.map(lambda p: p * 0.5, s.params),
                                  nu=jax.tree.map(lambda p: p * p, s.params)), *s.opt_state[1:])

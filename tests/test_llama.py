@@ -374,7 +374,7 @@ def test_without_a_single_double_angle_token_the_latent_rows_are_the_mean_of_its
 SHARDED_STEP = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from coconut_jax import config as config_lib, data, methods, models, sharding, steps
+from coconut_jax import config as config_lib, data, methods, models, optimizer, sharding, steps
 from coconut_jax.models.llama import LlamaConfig
 cfg = LlamaConfig(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
@@ -388,7 +388,7 @@ for i in range(8):
     ids = list(rng.integers(4, 80, q)) + [90] + [92] * n + [91] + list(rng.integers(4, 80, t))
     seqs.append((ids, [-100] * (q + n + 2) + ids[q + n + 2:]))
 b = data.collate(seqs, list(range(8)), latent_id=92, pad_id=0, batch_size=8, multiple=8)
-opt = steps.make_optimizer(config_lib.base_config())
+opt = optimizer.make_optimizer(config_lib.base_config())
 
 def step(mesh):
     state = steps.TrainState(model, params, mesh, opt)
@@ -426,11 +426,11 @@ def test_sharded_training_step_on_8_devices_equals_one_device():
 
 def test_bf16_params_train_and_keep_their_dtype():
     from jax.sharding import Mesh
-    from coconut_jax import config as config_lib, sharding, steps
+    from coconut_jax import config as config_lib, optimizer, sharding, steps
     cfg = VARIANTS["qwen3_gqa_untied"]
     model = models.build(cfg)
     mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.MESH_AXES)
-    state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()), jnp.bfloat16)
+    state = steps.TrainState(model, model.init(0), mesh, optimizer.make_optimizer(config_lib.base_config()), jnp.bfloat16)
     b = _coconut_batch()
     before = np.asarray(state.params["wte"], np.float32)
     loss = steps.train_step(state, [(b, sharding.put_batch(mesh, b.arrays()))], method=methods.get("coconut"),

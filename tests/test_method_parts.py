@@ -113,12 +113,12 @@ def test_a_part_is_sharded_like_the_model_on_8_devices():
     model's (never on one device); frozen params have no moments."""
     code = """
 import jax
-from coconut_jax import config as config_lib, sharding, steps
+from coconut_jax import config as config_lib, optimizer, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 model = GPT2Model(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
 part = GPT2Model(GPT2Config(vocab_size=48, n_positions=32, n_embd=32, n_layer=1, n_head=2))
 mesh = sharding.make_mesh(2, 4, 1)
-state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()),
+state = steps.TrainState(model, model.init(0), mesh, optimizer.make_optimizer(config_lib.base_config()),
                          parts={"probe": (part, part.init(1))}, trains=lambda path: path[0] != "wpe")
 mu = state.opt_state[0].mu
 assert "wpe" not in mu["model"] and "wpe" in state.params

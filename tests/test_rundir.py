@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, files, hf, latent_vocab, rundir, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, latent_vocab, rundir, optimizer, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Model
 
 
@@ -61,7 +61,7 @@ def test_async_save_names_the_best_step_only_once_it_is_written(tmp_path, tiny_d
     """best.json and the removal of superseded mid-epoch steps wait for the background write."""
     config, params = hf.load_pretrained(tiny_dir)
     state = steps.TrainState(GPT2Model(config), params, sharding.make_mesh(),
-                             steps.make_optimizer(config_lib.base_config()))
+                             optimizer.make_optimizer(config_lib.base_config()))
     ck = checkpoint.Checkpoints(str(tmp_path / "checkpoints"))
     ck.save(3, state.checkpoint_tree(), {"step": 3}, end_of_epoch=False)
     ck.save(5, state.checkpoint_tree(), {"step": 5}, end_of_epoch=True, best_acc=0.5)
@@ -74,7 +74,7 @@ def test_async_save_names_the_best_step_only_once_it_is_written(tmp_path, tiny_d
 
 def _save(ckpt_dir, model, params, step, method, best=None):
     mesh = sharding.make_mesh()
-    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()))
+    state = steps.TrainState(model, params, mesh, optimizer.make_optimizer(config_lib.base_config()))
     ck = checkpoint.Checkpoints(ckpt_dir)
     ck.save(step, state.checkpoint_tree(), {"step": step, "method": method, "end_of_epoch": True})
     if best is not None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from coconut_jax import config as config_lib, data, methods, sharding, steps
+from coconut_jax import config as config_lib, data, methods, optimizer, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 from coconut_jax.metrics import read_metrics as metrics
 from tests.conftest import ROOT, run_cli, subprocess_env
@@ -67,7 +67,7 @@ def test_gradient_accumulation_equals_full_batch():
         seqs.append((ids, lab))
     batch = lambda rows: data.collate([seqs[i] for i in rows], rows, latent_id=39, pad_id=0, batch_size=len(rows), multiple=4)
     mesh = sharding.make_mesh()
-    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()))
+    state = steps.TrainState(model, params, mesh, optimizer.make_optimizer(config_lib.base_config()))
 
     def mean_grad(groups):
         acc = state.new_accumulator()
@@ -126,7 +126,7 @@ def test_a_loss_of_two_terms_divides_each_by_its_own_count_over_the_whole_step()
     two = _TwoTerms(**{f.name: getattr(methods.get("coconut"), f.name) for f in dataclasses.fields(methods.Method)})
     two = dataclasses.replace(two, name="two_terms", loss=(("lm", 1.0), ("again", 0.5)))
     mesh = sharding.make_mesh()
-    state = steps.TrainState(model, params, mesh, steps.make_optimizer(config_lib.base_config()), loss=two.loss)
+    state = steps.TrainState(model, params, mesh, optimizer.make_optimizer(config_lib.base_config()), loss=two.loss)
     acc = state.new_accumulator()
     for rows in ([0, 1], [2, 3, 4, 5]):
         b = batch(rows)
@@ -157,11 +157,11 @@ def test_optimizer_state_is_sharded_like_the_params():
     device), also after a reset."""
     code = """
 import jax, numpy as np
-from coconut_jax import config as config_lib, sharding, steps
+from coconut_jax import config as config_lib, optimizer, sharding, steps
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 model = GPT2Model(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=2))
 mesh = sharding.make_mesh(2, 4, 1)
-state = steps.TrainState(model, model.init(0), mesh, steps.make_optimizer(config_lib.base_config()))
+state = steps.TrainState(model, model.init(0), mesh, optimizer.make_optimizer(config_lib.base_config()))
 state.reset_optimizer()
 mu = state.opt_state[0].mu
 for name in ("wte", ("h", "0", "c_fc", "kernel")):
