@@ -20,9 +20,12 @@ fused kernel). Compilation uses abstract params, so GPT-2-small and 1B shapes co
 machine, and reports XLA's memory for the step: arguments (params, optimizer state, batch),
 temporaries and the total live at once (outputs reuse the donated params and state); `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
 and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
-`--simcot` adds, at each thought count, the SIM-CoT step (Coconut's plus the step decoder, a
-second copy of the model without the latent rows, over the thoughts' groups of 2 and 24-token
-steps) and its ratio to the Coconut step (`{mode}_simcot_over_coconut@N`).
+`--simcot` adds, at each thought count, the SIM-CoT step as a run takes it (Coconut's plus the
+step decoder, a second copy of the model without the latent rows, over the thoughts' groups of 2
+and 24-token steps; two loss terms, one backward pass) and its ratio to the Coconut step
+(`{mode}_simcot_over_coconut@N`), and beside it the same computation with its terms summed into
+one loss (`+simcot_summed`, the one-backward floor) and the ratio to it
+(`{mode}_simcot_over_summed@N`).
 `--lora R` adds the LoRA step (`{mode}@N+lora`): adapters of rank R on every projection and the
 three latent rows train in f32 (dropout --lora-dropout, default 0.1, on the adapters' input), the base (stored in --param-dtype) is an argument that gets no
 gradient and no optimizer state; with `--time`, its ratio to the full step
@@ -41,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from coconut_jax import coconut, data, methods, models, trainable
+from coconut_jax import coconut, data, methods, models, steps, trainable
 from coconut_jax.costs import count, model_flops, peak_flops
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.models.gpt2 import GPT2Config
@@ -132,7 +135,27 @@ def step_arrays(batch: int, n_thoughts: int, vocab: int, length: int = 32, writt
 
 
 def simcot_step_fn(model, decoder, tx, b, loss_chunk):
-    """The SIM-CoT step: one tree (base, decoder) trained on lm + steps."""
+    """The SIM-CoT step as a run takes it (`steps.train_step`'s parts on one micro-batch): each
+    term's count and cotangent scale (`steps.term_scales`), one backward pass for both terms
+    (`steps.accumulate`), one division (`steps.mean_gradient`), AdamW on (base, decoder)."""
+    method, parts = methods.get("simcot"), (("decoder", decoder),)
+
+    def step(t, o, arrays, key):
+        trained = trainable.pack(t[0], {"decoder": t[1]})
+        scales = steps.term_scales(method, [(arrays, b.prefix_len, b.n_latent)], parts)
+        acc = {"grads": jax.tree.map(jnp.zeros_like, trained), "sums": {k: jnp.zeros(()) for k, _ in method.loss},
+               "counts": {k: jnp.zeros(()) for k, _ in method.loss}}
+        acc = steps.accumulate(model, trained, acc, arrays, key, scales, method=method, prefix_len=b.prefix_len,
+                               n_latent=b.n_latent, loss_chunk=loss_chunk, part_models=parts)
+        g, losses = steps.mean_gradient(acc, method.loss)
+        u, o = tx.update((g["model"], g["parts"]["decoder"]), o, t)
+        return optax.apply_updates(t, u), o, losses["loss"]
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def simcot_summed_step_fn(model, decoder, tx, b, loss_chunk):
+    """The floor of a two-term step: the same computation with its terms summed into one loss
+    (lm + steps, each over its count in the batch), one `value_and_grad`."""
     method = methods.get("simcot")
 
     def loss(t, arrays, key):
@@ -146,6 +169,10 @@ def simcot_step_fn(model, decoder, tx, b, loss_chunk):
         u, o = tx.update(g, o, t)
         return optax.apply_updates(t, u), o, value
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def is_simcot(name: str) -> bool:
+    return name.endswith(("+simcot", "+simcot_summed"))
 
 
 def gib(n: int) -> float:
@@ -213,8 +240,9 @@ def main():
                 decoder = models.build(decoder_cfg, dtype, **m["model"])
                 sim_arrays = {**arrays, **{k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                            for k, v in step_arrays(batch, n, cfg.vocab_size).items()}}
-                variants.append((f"{mode}@{n}+simcot", simcot_step_fn(model, decoder, tx, b, m["loss_chunk"]),
-                                 (abstract_sim, abstract_sim_opt), sim_arrays))
+                for suffix, make in (("+simcot", simcot_step_fn), ("+simcot_summed", simcot_summed_step_fn)):
+                    variants.append((f"{mode}@{n}{suffix}", make(model, decoder, tx, b, m["loss_chunk"]),
+                                     (abstract_sim, abstract_sim_opt), sim_arrays))
             for name, fn, state_shapes, arrays_shape in variants:
                 t0 = time.perf_counter()
                 c = fn.lower(*state_shapes, arrays_shape, jax.random.key(0)).compile()
@@ -242,7 +270,7 @@ def main():
             if name.endswith("+lora"):
                 t, frozen = lora_params
                 return jax.tree.map(jnp.array, t), tx.init(t), frozen
-            t = (params, decoder_params) if name.endswith("+simcot") else params
+            t = (params, decoder_params) if is_simcot(name) else params
             return jax.tree.map(jnp.array, t), tx.init(t)
         state = {name: initial(name) for name in compiled}
         device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()}
@@ -253,7 +281,7 @@ def main():
                 n = int(name.split("@")[1].split("+")[0])
                 st = state[name]
                 t0 = time.perf_counter()
-                p_, o_, loss = c(*st, sim_arrays[n] if name.endswith("+simcot") else device_arrays[n],
+                p_, o_, loss = c(*st, sim_arrays[n] if is_simcot(name) else device_arrays[n],
                                  jax.random.key(r))
                 jax.block_until_ready(loss)
                 state[name] = (p_, o_, *st[2:])
@@ -266,14 +294,18 @@ def main():
             med = float(np.median(ts))
             out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
                              tokens_per_s=round(tokens / med))
-            if peak and a.bf16 and not name.endswith(("+simcot", "+lora")):  # the count is the base model's
+            if peak and a.bf16 and not (is_simcot(name) or name.endswith("+lora")):  # the count is the base model's
                 out[name]["mfu"] = round(model_flops(models.build(cfg), tokens, batches[n].input_ids.shape[1])
                                          / med / peak, 3)
         for name in times:
             if name.endswith("+simcot"):
                 mode, n = name[:-len("+simcot")].split("@")
-                out[f"{mode}_simcot_over_coconut@{n}"] = round(out[name]["step_s_median"]
-                                                               / out[f"{mode}@{n}"]["step_s_median"], 3)
+                if f"{mode}@{n}" in times:
+                    out[f"{mode}_simcot_over_coconut@{n}"] = round(out[name]["step_s_median"]
+                                                                   / out[f"{mode}@{n}"]["step_s_median"], 3)
+                # The one-backward target: the two-term step against its terms summed into one loss.
+                out[f"{mode}_simcot_over_summed@{n}"] = round(out[name]["step_s_median"]
+                                                              / out[name + "_summed"]["step_s_median"], 3)
         for name in times:
             if name.endswith("+lora") and name[:-len("+lora")] in times:
                 mode, n = name[:-len("+lora")].split("@")

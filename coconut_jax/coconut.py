@@ -101,6 +101,11 @@ def _nll_sums(logits, targets):
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
 
 
+def label_count(labels):
+    """The labelled next-token positions of a batch: the count `token_nll` divides by."""
+    return jnp.sum(labels[:, 1:] != IGNORE).astype(jnp.float32)
+
+
 def token_nll(logits, labels):
     """(sum of next-token negative log-likelihoods over labelled positions, their count)."""
     return _nll_sums(logits[:, :-1], labels[:, 1:])

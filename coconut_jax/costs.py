@@ -90,8 +90,8 @@ def step_memory(model, layout, update, method, arrays: dict, *, prefix_len: int,
 
     from coconut_jax import steps
     key = (jax.random.key(0), np.int32(0), np.int32(0))
-    acc = steps.accumulate.lower(model, layout.trained, layout.acc, arrays, key, method=method,
-                                 prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk,
+    acc = steps.accumulate.lower(model, layout.trained, layout.acc, arrays, key, steps.abstract_scales(method),
+                                 method=method, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk,
                                  frozen=layout.frozen, part_models=layout.part_models).compile().memory_analysis()
     upd = update.lower(layout.trained, layout.opt_state, layout.acc).compile().memory_analysis()
     parts = layout.trained["parts"] if layout.part_models else {}

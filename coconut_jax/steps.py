@@ -24,18 +24,53 @@ def _part_args(part_models, parts) -> dict:
     return {name: (m, parts[name]) for name, m in part_models}
 
 
+@functools.partial(jax.jit, static_argnames=("method", "prefix_len", "n_latent", "part_models"))
+def term_counts(arrays, *, method, prefix_len, n_latent, part_models=()):
+    """{term: count} of one micro-batch (`method.term_counts`, on the mesh: every host's rows)."""
+    return method.term_counts(arrays, prefix_len=prefix_len, n_latent=n_latent, parts=dict(part_models))
+
+
+@functools.partial(jax.jit, static_argnames=("loss",))
+def _scales(totals, *, loss):
+    (first, w0), rest = loss[0], loss[1:]
+    n0 = jnp.maximum(totals[first], 1.0)
+    return {t: (w / w0) * n0 / jnp.maximum(totals[t], 1.0) for t, w in rest}
+
+
+def term_scales(method, micro_batches, part_models=()) -> dict | None:
+    """The cotangents that make one backward pass give a several-term step's gradient: each
+    term after the first weighs its sum by (w_t / w_0) x N_0 / N_t, N being a term's count over
+    the step's micro-batches [(arrays, prefix_len, n_latent), ...] (from `term_counts`, before
+    any gradient); `mean_gradient` then divides once, by the first term's N_0 / w_0. None for a
+    one-term loss (its cotangent is 1: exactly `value_and_grad`)."""
+    if len(method.loss) == 1:
+        return None
+    totals = None
+    for arrays, prefix_len, n_latent in micro_batches:
+        counts = term_counts(arrays, method=method, prefix_len=prefix_len, n_latent=n_latent, part_models=part_models)
+        totals = counts if totals is None else jax.tree.map(jnp.add, totals, counts)
+    return _scales(totals, loss=method.loss)
+
+
+def abstract_scales(method) -> dict | None:
+    """`term_scales`' shapes, for compiling a step without data."""
+    return None if len(method.loss) == 1 else {t: jax.ShapeDtypeStruct((), jnp.float32) for t, _ in method.loss[1:]}
+
+
 @functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk", "part_models"),
                    donate_argnums=(2,))
-def accumulate(model, trained, acc, arrays, key, *, method, prefix_len, n_latent, loss_chunk=0, frozen=None,
-               part_models=()):
-    """Adds one micro-batch's gradient of each summed loss term (and the sums and counts) to `acc`.
+def accumulate(model, trained, acc, arrays, key, scales=None, *, method, prefix_len, n_latent, loss_chunk=0,
+               frozen=None, part_models=()):
+    """Adds one micro-batch's gradient of the loss (and each term's sum and count) to `acc`.
 
     `trained`: the optimizer's tree (`trainable`: the model's params when everything trains and
     the method adds no part); `frozen`: the model's params that do not train (None: none);
     `part_models`: ((name, model), ...) of the method's parts, whose params are in `trained`.
-    `method`: the run's `methods.Method`, whose `loss_terms` is the loss. Each term gets its
-    own gradient (the forward pass shared, one backward pass per term), since each is divided
-    by its own count over the whole step; a one-term loss is exactly `value_and_grad`.
+    `method`: the run's `methods.Method`, whose `loss_terms` is the loss. One backward pass
+    whatever the number of terms: the first term's sum gets cotangent 1 and each other term
+    the step's `scales` (`term_scales`), so the accumulated gradient divided once by the first
+    term's count over the step (`mean_gradient`) is the step's objective's; a one-term loss is
+    exactly `value_and_grad`.
 
     `key`: the dropout key, or (base key, step, micro-batch) from which it is derived inside
     the program (no per-step host dispatch for key arithmetic)."""
@@ -49,8 +84,12 @@ def accumulate(model, trained, acc, arrays, key, *, method, prefix_len, n_latent
                                   loss_chunk=loss_chunk, parts=_part_args(part_models, parts))
         return {t: s for t, (s, _) in terms.items()}, {t: n for t, (_, n) in terms.items()}
     sums, pull, counts = jax.vjp(f, trained, has_aux=True)
-    one = {t: {u: (jnp.ones_like if u == t else jnp.zeros_like)(v) for u, v in sums.items()} for t in sums}
-    return {"grads": {t: jax.tree.map(jnp.add, acc["grads"][t], pull(one[t])[0]) for t in sums},
+    first = method.loss[0][0]
+    if len(sums) > 1 and scales is None:
+        raise ValueError(f"method {method.name!r} has {len(sums)} loss terms: accumulate needs their scales "
+                         f"(steps.term_scales)")
+    cotangent = {t: jnp.ones_like(v) if t == first else scales[t].astype(v.dtype) for t, v in sums.items()}
+    return {"grads": jax.tree.map(jnp.add, acc["grads"], pull(cotangent)[0]),
             "sums": {t: acc["sums"][t] + sums[t] for t in sums},
             "counts": {t: acc["counts"][t] + counts[t] for t in sums}}
 
@@ -61,9 +100,12 @@ def train_step(state: "TrainState", micro_batches, *, method, base_key, step: in
     `step` draws its dropout from `base_key` folded with (step, k) inside the program. Returns
     the step's losses as device scalars ("loss", and each term of a several-term loss), read
     back when the caller wants them."""
+    micro_batches = list(micro_batches)
+    scales = term_scales(method, [(arrays, b.prefix_len, b.n_latent) for b, arrays in micro_batches],
+                         state.part_models)
     acc = state.take_accumulator()
     for k, (batch, arrays) in enumerate(micro_batches):
-        acc = accumulate(state.model, state.trained, acc, arrays, (base_key, np.int32(step), np.int32(k)),
+        acc = accumulate(state.model, state.trained, acc, arrays, (base_key, np.int32(step), np.int32(k)), scales,
                          method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk,
                          frozen=state.frozen, part_models=state.part_models)
     losses, acc = state.update(acc)
@@ -76,16 +118,18 @@ def _weighted(x, w: float):
 
 
 def mean_gradient(acc, loss=(("lm", 1.0),)):
-    """(gradient, losses) of the accumulated micro-batches: each term's sum divided by its own
-    count (token-weighted for "lm"), weighted as the method's `loss` says and added up.
-    `losses` holds "loss", the objective, and each term's mean when there are several."""
-    grads, total, losses = None, None, {}
+    """(gradient, losses) of the accumulated micro-batches: the gradient (every term already
+    weighed by its count relative to the first's, `term_scales`) divided once by the first
+    term's count and times its weight; each term's sum over its own count (token-weighted for
+    "lm"), weighted as the method's `loss` says and added up. `losses` holds "loss", the
+    objective, and each term's mean when there are several."""
+    first, w0 = loss[0]
+    n0 = jnp.maximum(acc["counts"][first], 1.0)
+    # In the gradients' own dtype: an f32 quotient would turn bf16 Adam moments into f32.
+    grads = jax.tree.map(lambda x: _weighted(x / n0, w0).astype(x.dtype), acc["grads"])
+    total, losses = None, {}
     for term, w in loss:
-        count = jnp.maximum(acc["counts"][term], 1.0)
-        # In the gradients' own dtype: an f32 quotient would turn bf16 Adam moments into f32.
-        g = jax.tree.map(lambda x: _weighted(x / count, w).astype(x.dtype), acc["grads"][term])
-        mean = acc["sums"][term] / count
-        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        mean = acc["sums"][term] / jnp.maximum(acc["counts"][term], 1.0)
         total = _weighted(mean, w) if total is None else total + _weighted(mean, w)
         losses[term] = mean
     return grads, {"loss": total, **(losses if len(loss) > 1 else {})}
@@ -157,10 +201,11 @@ class Layout:
         opt_shapes = jax.eval_shape(tx.init, self.trained)
         self.opt_sh = like_params(opt_shapes, self.trained, self.scalar)
         self.opt_state = _abstract(opt_shapes, self.opt_sh)
-        self.acc_sh = {"grads": {t: self.trained_sh for t in self.terms}, "sums": {t: self.scalar for t in self.terms},
+        # One gradient tree whatever the number of terms (`accumulate`), a sum and count per term.
+        self.acc_sh = {"grads": self.trained_sh, "sums": {t: self.scalar for t in self.terms},
                        "counts": {t: self.scalar for t in self.terms}}
         zero = jax.ShapeDtypeStruct((), jnp.float32)
-        self.acc = _abstract({"grads": {t: self.trained for t in self.terms}, "sums": {t: zero for t in self.terms},
+        self.acc = _abstract({"grads": self.trained, "sums": {t: zero for t in self.terms},
                               "counts": {t: zero for t in self.terms}}, self.acc_sh)
 
 
@@ -191,7 +236,7 @@ class TrainState:
         model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
         params (and so the optimizer's moments and the gradients) are stored; bf16 halves
         their memory for models that do not fit in f32. `loss`: the method's named terms and
-        weights (`methods.Method.loss`), one gradient accumulator each. `parts`: {name: (its
+        weights (`methods.Method.loss`): one gradient accumulator, a sum and count per term. `parts`: {name: (its
         model, its host params or None)} of the method's parts. `trains`: which of the
         model's params train (`methods.Method.trains`; None: all). `base_in_checkpoint=False`
         (LoRA): checkpoints hold the trained params only, the frozen base being rebuilt from
@@ -211,7 +256,7 @@ class TrainState:
         terms = lay.terms
         self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
         self.update_fn = make_update(tx, loss, lay)
-        self._zeros = jax.jit(lambda p: {"grads": {t: jax.tree.map(jnp.zeros_like, p) for t in terms},
+        self._zeros = jax.jit(lambda p: {"grads": jax.tree.map(jnp.zeros_like, p),
                                          "sums": {t: jnp.float32(0) for t in terms},
                                          "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=lay.acc_sh)
         self.opt_state = self._init(self.trained)

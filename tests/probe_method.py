@@ -15,10 +15,20 @@ from coconut_jax.labels import IGNORE
 from coconut_jax.methods.base import Method, Part
 
 
+def _targets(labels, vocab):
+    """The probe's targets: the labels inside its vocabulary."""
+    return jnp.where(labels < vocab, labels, IGNORE)
+
+
 @dataclasses.dataclass(frozen=True)
 class Probe(Method):
     def trains(self, path):
         return path[0] != "wpe"
+
+    def term_counts(self, arrays, *, prefix_len, n_latent, parts=None):
+        targets = _targets(arrays["labels"], parts["probe"].config.vocab_size)
+        return {**super().term_counts(arrays, prefix_len=prefix_len, n_latent=n_latent),
+                "probe": coconut.label_count(targets)}
 
     def loss_terms(self, model, params, arrays, *, prefix_len, n_latent, dropout_key=None, loss_chunk=0,
                    parts=None):
@@ -29,7 +39,7 @@ class Probe(Method):
         ids, labels = arrays["input_ids"], arrays["labels"]
         x = model.embed(params, jnp.where(ids < vocab, ids, 0))
         hidden, _ = part.body(part_params, x, arrays["position_ids"], arrays["attention_mask"])
-        targets = jnp.where(labels < vocab, labels, IGNORE)
+        targets = _targets(labels, vocab)
         return {**terms, "probe": coconut.token_nll(part.logits(part_params, hidden), targets)}
 
 

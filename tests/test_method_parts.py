@@ -132,3 +132,28 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices=8), capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_the_probes_one_backward_step_equals_a_backward_pass_per_term():
+    """The two-term probe (a part, a frozen wpe, weight 0.5 on its term) over micro-batches of
+    unequal token counts: the gradient of the step's one backward pass equals the per-term form."""
+    from coconut_jax import data
+    from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
+    from tests.step_checks import assert_same_gradient
+    model = GPT2Model(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    part = GPT2Model(GPT2Config(vocab_size=36, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    rng = np.random.default_rng(2)
+    seqs = []
+    for i in range(6):
+        ids = rng.integers(1, 40, size=4 + i).tolist() + [37, 39, 38] + rng.integers(1, 40, size=2 + i % 3).tolist()
+        seqs.append((ids, [data.IGNORE] * (ids.index(38) + 1) + ids[ids.index(38) + 1:]))
+    micro = []
+    for rows in ([0, 1], [2, 3, 4, 5]):
+        b = data.collate([seqs[i] for i in rows], rows, latent_id=39, pad_id=0, batch_size=len(rows), multiple=4)
+        micro.append((b.arrays(), b.prefix_len, b.n_latent))
+    probe = probe_method.PROBE
+    trained, frozen = trainable.split(model.init(0), probe.trains)
+    counts = [probe.term_counts(a, prefix_len=p, n_latent=n, parts={"probe": part}) for a, p, n in micro]
+    assert counts[0]["probe"] != counts[1]["probe"] and counts[0]["lm"] != counts[1]["lm"]
+    assert_same_gradient(probe, model, trainable.pack(trained, {"probe": part.init(1)}), micro, frozen=frozen,
+                         part_models=(("probe", part),))

@@ -5,9 +5,10 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from coconut_jax import coconut, config as config_lib, data, hf, latent_vocab, methods, testing
+from coconut_jax import coconut, config as config_lib, data, hf, latent_vocab, methods, sharding, steps, testing, trainable
 from coconut_jax.data.step_targets import StepIds, StepTargets
 from coconut_jax.labels import IGNORE
 from coconut_jax.methods.simcot import step_nll
@@ -405,3 +406,32 @@ def test_simcot_trains_on_llama_and_qwen(tmp_path, family):
     m = [e for e in read_metrics(os.path.join(run.run_dir, "metrics.jsonl")) if "train/steps" in e]
     assert any(e["stage"] == 1 and e["train/steps"] > 0 for e in m)
     assert np.isfinite(result["eval/steps"]) and result["eval/steps"] > 0
+
+
+@pytest.mark.slow  # 30 s: six programs compiled (three shapes, two forms)
+def test_one_backward_pass_gives_the_per_term_gradient(gsm_world):
+    """SIM-CoT's step over three micro-batches whose token and step-group counts differ: one
+    backward pass with each term's cotangent weighed by the step's counts gives the gradient,
+    the terms and the objective of a backward pass per term (within 1e-6), with one gradient
+    tree where there was one per term."""
+    from tests.step_checks import assert_same_gradient
+    tok = hf.load_tokenizer(gsm_world["model"])
+    _, examples = data.load_dataset(gsm_world["train"], tok, None, None)
+    v = len(tok)
+    tokens = latent_vocab.LatentTokens(v, v + 1, v + 2, tok.eos_token_id, tok.pad_token_id)
+    model = GPT2Model(GPT2Config(vocab_size=v + 3, n_positions=256, n_embd=32, n_layer=1, n_head=2))
+    decoder = GPT2Model(GPT2Config(vocab_size=v, n_positions=256, n_embd=32, n_layer=1, n_head=2))
+    cur = data.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
+    targets = StepTargets("brackets", data.step_ids(tok), 3, 2)
+    # Micro-batches of 2, 3 and 4 rows (the last ragged ones of a step are so): unequal counts.
+    batches = [data.EpochPlan(examples, cur, tokens, 2, 0, data.PlanSettings(
+        seed=0, batch_size=rows, multiple=8, step_targets=targets)).batch(k) for k, rows in enumerate((2, 3, 4))]
+    micro = [({k: jnp.asarray(x) for k, x in b.arrays().items()}, b.prefix_len, b.n_latent) for b in batches]
+    counts = [methods.get("simcot").term_counts(a, prefix_len=p, n_latent=n) for a, p, n in micro]
+    assert len({float(c["lm"]) for c in counts}) > 1 and len({float(c["steps"]) for c in counts}) > 1, counts
+    trained = trainable.pack(model.init(0), {"decoder": decoder.init(1)})
+    terms = assert_same_gradient(methods.get("simcot"), model, trained, micro, part_models=(("decoder", decoder),))
+    assert float(terms["steps"]) > 0
+    layout = steps.Layout(model, sharding.make_mesh(), optax.adamw(1e-3), loss=methods.get("simcot").loss,
+                          part_models=(("decoder", decoder),))
+    assert jax.tree.structure(layout.acc["grads"]) == jax.tree.structure(layout.trained)

@@ -104,6 +104,9 @@ class _TwoTerms(methods.Method):
     """Coconut's loss twice, as two named terms: "lm" and "again" (its sum doubled, its count
     the number of rows), weighted 1 and 0.5. The objective is known in closed form."""
 
+    def term_counts(self, arrays, **kw):
+        return {**methods.get("coconut").term_counts(arrays, **kw), "again": jnp.float32(arrays["input_ids"].shape[0])}
+
     def loss_terms(self, model, params, arrays, **kw):
         s, n = methods.get("coconut").loss_terms(model, params, arrays, **kw)["lm"]
         return {"lm": (s, n), "again": (2.0 * s, jnp.float32(arrays["input_ids"].shape[0]))}
@@ -128,9 +131,10 @@ def test_a_loss_of_two_terms_divides_each_by_its_own_count_over_the_whole_step()
     mesh = sharding.make_mesh()
     state = steps.TrainState(model, params, mesh, optimizer.make_optimizer(config_lib.base_config()), loss=two.loss)
     acc = state.new_accumulator()
-    for rows in ([0, 1], [2, 3, 4, 5]):
-        b = batch(rows)
-        acc = steps.accumulate(model, state.params, acc, b.arrays(), None, prefix_len=b.prefix_len,
+    micro = [batch(rows) for rows in ([0, 1], [2, 3, 4, 5])]
+    scales = steps.term_scales(two, [(b.arrays(), b.prefix_len, b.n_latent) for b in micro])
+    for b in micro:
+        acc = steps.accumulate(model, state.params, acc, b.arrays(), None, scales, prefix_len=b.prefix_len,
                                n_latent=b.n_latent, method=two)
     grads, losses = steps.mean_gradient(acc, two.loss)
     # The closed form on the whole batch, with Coconut's one-term loss.
@@ -147,6 +151,9 @@ def test_a_loss_of_two_terms_divides_each_by_its_own_count_over_the_whole_step()
     for a, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         a, w = np.asarray(a), np.asarray(w)
         assert np.abs(a - w).max() <= 1e-5 * max(np.abs(w).max(), 1e-8)
+    # One backward pass gives what a backward pass per term gave (tests/step_checks.py).
+    from tests.step_checks import assert_same_gradient
+    assert_same_gradient(two, model, state.params, [(b.arrays(), b.prefix_len, b.n_latent) for b in micro])
     # The update hands back every term's figures.
     got, _ = state.update(acc)
     assert set(got) == {"loss", "lm", "again"} and abs(float(got["loss"]) - float(want)) <= 1e-5 * float(want)

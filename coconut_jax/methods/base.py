@@ -40,7 +40,10 @@ class Method:
     loss: the loss's named terms and their weights. Each term is a (sum, count) pair summed over
         an optimizer step's micro-batches (and, for evaluation, the validation set); the
         objective is the weighted sum of sum/count, logged as `train/loss` (`eval/loss`), each
-        term as `train/<name>` when there are several. `loss_terms` returns them by name.
+        term as `train/<name>` when there are several. `loss_terms` returns them by name;
+        `term_counts` gives the counts alone, from the batch's arrays (they never depend on the
+        params), so that a step of several terms weighs each term by its count over the whole
+        step before its one backward pass.
     parts: the modules this method adds beside the model (`Part`); `loss_terms` receives each
         as (its model, its params) under its name.
     step_targets: batches carry each row's step targets (`data.step_targets`: `step_ids`,
@@ -94,6 +97,13 @@ class Method:
         they start as copies of `<<` and mean nothing yet. Their embedding rows train; a tied
         head reads them too."""
         return (tokens.start, tokens.end, tokens.latent) if self.latent_tokens else ()
+
+    def term_counts(self, arrays, *, prefix_len: int, n_latent: int, parts=None) -> dict:
+        """{term: count} of a batch: what `loss_terms` returns as each term's count, computed
+        from the arrays alone (`parts`: {name: model} of the method's parts). Here the labelled
+        next-token positions."""
+        from coconut_jax import coconut
+        return {"lm": coconut.label_count(arrays["labels"])}
 
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
                    loss_chunk: int = 0, parts=None) -> dict:

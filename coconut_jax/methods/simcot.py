@@ -45,11 +45,24 @@ def step_nll(model, params, decoder, decoder_params, hidden, arrays, prefix_len:
     positions = jnp.broadcast_to(jnp.arange(1, c + length + 1, dtype=jnp.int32), labels.shape)
     h, _ = decoder.body(decoder_params, x, positions, key_mask)
     total, _ = coconut.hidden_nll(decoder, decoder_params, h, labels, loss_chunk)
-    return total, jnp.sum(jnp.any(mask > 0, axis=-1)).astype(jnp.float32)
+    return total, step_count(arrays, n_latent)
+
+
+def step_count(arrays, n_latent: int):
+    """The (row, group) pairs with a step target: the count the step term divides by."""
+    import jax.numpy as jnp
+    mask = arrays["step_mask"]
+    if mask.shape[1] == 0 or n_latent == 0:
+        return jnp.float32(0)
+    return jnp.sum(jnp.any(mask > 0, axis=-1)).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
 class SimCoT(Method):
+    def term_counts(self, arrays, *, prefix_len: int, n_latent: int, parts=None) -> dict:
+        return {**super().term_counts(arrays, prefix_len=prefix_len, n_latent=n_latent),
+                "steps": step_count(arrays, n_latent)}
+
     def loss_terms(self, model, params, arrays, *, prefix_len: int, n_latent: int, dropout_key=None,
                    loss_chunk: int = 0, parts=None) -> dict:
         from coconut_jax import coconut
