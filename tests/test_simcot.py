@@ -298,16 +298,23 @@ def _slow_step_nll(model, params, decoder, dparams, arrays):
     return total, count
 
 
-@pytest.mark.slow  # 90 s of slow per-row, per-group gradients on 2 cores
-def test_fast_step_loss_and_gradients_equal_the_slow_form(gsm_world):
+def _simcot_world(gsm_world, base_layers: int):
+    """(tokenizer, training examples, latent tokens, a base of `base_layers` layers with the
+    latent rows, a 1-layer decoder at the tokenizer's vocabulary, the curriculum) on gsm_world."""
     tok = hf.load_tokenizer(gsm_world["model"])
     _, examples = data.load_dataset(gsm_world["train"], tok, None, None)
     v = len(tok)
     tokens = latent_vocab.LatentTokens(v, v + 1, v + 2, tok.eos_token_id, tok.pad_token_id)
-    model = GPT2Model(GPT2Config(vocab_size=v + 3, n_positions=256, n_embd=32, n_layer=2, n_head=2))
+    model = GPT2Model(GPT2Config(vocab_size=v + 3, n_positions=256, n_embd=32, n_layer=base_layers, n_head=2))
     decoder = GPT2Model(GPT2Config(vocab_size=v, n_positions=256, n_embd=32, n_layer=1, n_head=2))
-    params, dparams = model.init(0), decoder.init(1)
     cur = data.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
+    return tok, examples, tokens, model, decoder, cur
+
+
+@pytest.mark.slow  # 90 s of slow per-row, per-group gradients on 2 cores
+def test_fast_step_loss_and_gradients_equal_the_slow_form(gsm_world):
+    tok, examples, tokens, model, decoder, cur = _simcot_world(gsm_world, base_layers=2)
+    params, dparams = model.init(0), decoder.init(1)
     settings = data.PlanSettings(seed=0, batch_size=6, multiple=8, step_targets=StepTargets(
         "brackets", data.step_ids(tok), 3, 2))
     b = data.EpochPlan(examples, cur, tokens, 9, 0, settings).batch(0)
@@ -415,13 +422,7 @@ def test_one_backward_pass_gives_the_per_term_gradient(gsm_world):
     the terms and the objective of a backward pass per term (within 1e-6), with one gradient
     tree where there was one per term."""
     from tests.step_checks import assert_same_gradient
-    tok = hf.load_tokenizer(gsm_world["model"])
-    _, examples = data.load_dataset(gsm_world["train"], tok, None, None)
-    v = len(tok)
-    tokens = latent_vocab.LatentTokens(v, v + 1, v + 2, tok.eos_token_id, tok.pad_token_id)
-    model = GPT2Model(GPT2Config(vocab_size=v + 3, n_positions=256, n_embd=32, n_layer=1, n_head=2))
-    decoder = GPT2Model(GPT2Config(vocab_size=v, n_positions=256, n_embd=32, n_layer=1, n_head=2))
-    cur = data.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
+    tok, examples, tokens, model, decoder, cur = _simcot_world(gsm_world, base_layers=1)
     targets = StepTargets("brackets", data.step_ids(tok), 3, 2)
     # Micro-batches of 2, 3 and 4 rows (the last ragged ones of a step are so): unequal counts.
     batches = [data.EpochPlan(examples, cur, tokens, 2, 0, data.PlanSettings(

@@ -15,13 +15,16 @@ Adding a method
 3. Test it beside tests/test_methods.py: its sequences at each stage (tests/test_data.py shows
    the literal form), and a short run through the CLI.
 
-A method with a loss of several terms names them with their weights in `loss` and returns each
-from `loss_terms`; training accumulates a gradient per term (one backward pass each, the
-forward shared) so that every term is divided by its own count over the whole optimizer step.
+A method with a loss of several terms names them with their weights in `loss`, returns each
+(sum, count) from `loss_terms` and each count alone from `term_counts` (from the batch's arrays:
+counts never depend on the params). A step sums the counts over its micro-batches first, then
+takes one backward pass per micro-batch with each term's cotangent weighed by its count, so that
+every term is divided by its own count over the whole optimizer step (`steps.term_scales`).
 
-What a method cannot declare yet: parameters of its own beside the model's (an auxiliary
-module), and parameters that do not train. Both come with the first method that needs them
-(step-level supervision of the thoughts, SIM-CoT; LoRA).
+A method may add modules of its own beside the model (`parts`, `Part`: created from `model_id`'s
+pretrained weights, sharded, trained, checkpointed and restored with the model, used in training
+only) and freeze model parameters (`trains`). SIM-CoT (`simcot.py`) does the first, the test
+probe (tests/probe_method.py) both.
 """
 from __future__ import annotations
 
