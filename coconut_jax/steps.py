@@ -236,8 +236,8 @@ class TrainState:
         model's shapes (a template that a checkpoint restore fills). `param_dtype`: how the
         params (and so the optimizer's moments and the gradients) are stored; bf16 halves
         their memory for models that do not fit in f32. `loss`: the method's named terms and
-        weights (`methods.Method.loss`): one gradient accumulator, a sum and count per term. `parts`: {name: (its
-        model, its host params or None)} of the method's parts. `trains`: which of the
+        weights (`methods.Method.loss`): one gradient accumulator, a sum and count per term.
+        `parts`: {name: (its model, its host params or None)} of the method's parts. `trains`: which of the
         model's params train (`methods.Method.trains`; None: all). `base_in_checkpoint=False`
         (LoRA): checkpoints hold the trained params only, the frozen base being rebuilt from
         its source when a run resumes."""

@@ -81,10 +81,10 @@ def trained_stage(c, meta: dict) -> int:
     return methods.get(c.method).stage(epoch, c.epochs_per_stage)
 
 
-def describe_stage(settings: dict, stage: int | None = None) -> str:
-    """"stage 5 (6 thoughts)": a stage and the thoughts its prompts carry."""
+def describe_stage(settings: dict) -> str:
+    """"stage 5 (6 thoughts)": the step's stage and the thoughts its prompts carry."""
     from coconut_jax import data
-    stage = settings["stage"] if stage is None else stage
+    stage = settings["stage"]
     cur = data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
                           settings["epochs_per_stage"], settings["pad_latent_to_max"])
     if not cur.markers:
