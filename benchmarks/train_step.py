@@ -20,6 +20,8 @@ fused kernel). Compilation uses abstract params, so GPT-2-small and 1B shapes co
 machine, and reports XLA's memory for the step: arguments (params, optimizer state, batch),
 temporaries and the total live at once (outputs reuse the donated params and state); `--time` also runs them: medians of interleaved repeats with their spread, tokens/s
 and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
+Every ratio of two steps (`..._over_...`) is taken within each round of the interleaved repeats
+(both steps timed under the same load) and printed as the median, min and max over the rounds.
 `--simcot` adds, at each thought count, the SIM-CoT step as a run takes it (Coconut's plus the
 step decoder, a second copy of the model without the latent rows, over the thoughts' groups of 2
 and 24-token steps; two loss terms, one backward pass) and its ratio to the Coconut step
@@ -134,11 +136,25 @@ def step_arrays(batch: int, n_thoughts: int, vocab: int, length: int = 32, writt
     return {"step_ids": ids, "step_mask": mask}
 
 
-def simcot_step_fn(model, decoder, tx, b, loss_chunk):
+class SummedSimCoT(methods.get("simcot").__class__):
+    """SIM-CoT's two terms summed into one: lm_sum + steps_sum x N_lm / N_steps over N_lm, the
+    same objective as one term (the floor a two-term step is measured against)."""
+
+    def term_counts(self, arrays, **kw):
+        return {"lm": super().term_counts(arrays, **kw)["lm"]}
+
+    def loss_terms(self, model, params, arrays, **kw):
+        terms = super().loss_terms(model, params, arrays, **kw)
+        (s, n), (ss, sn) = terms["lm"], terms["steps"]
+        return {"lm": (s + ss * jax.lax.stop_gradient(n / jnp.maximum(sn, 1.0)), n)}
+
+
+def simcot_step_fn(model, decoder, tx, b, loss_chunk, method=None):
     """The SIM-CoT step as a run takes it (`steps.train_step`'s parts on one micro-batch): each
     term's count and cotangent scale (`steps.term_scales`), one backward pass for both terms
-    (`steps.accumulate`), one division (`steps.mean_gradient`), AdamW on (base, decoder)."""
-    method, parts = methods.get("simcot"), (("decoder", decoder),)
+    (`steps.accumulate`), one division (`steps.mean_gradient`), AdamW on (base, decoder).
+    `method`: another form of it (`simcot_summed_step_fn`)."""
+    method, parts = method or methods.get("simcot"), (("decoder", decoder),)
 
     def step(t, o, arrays, key):
         trained = trainable.pack(t[0], {"decoder": t[1]})
@@ -154,21 +170,18 @@ def simcot_step_fn(model, decoder, tx, b, loss_chunk):
 
 
 def simcot_summed_step_fn(model, decoder, tx, b, loss_chunk):
-    """The floor of a two-term step: the same computation with its terms summed into one loss
-    (lm + steps, each over its count in the batch), one `value_and_grad`."""
-    method = methods.get("simcot")
+    """The floor of the two-term step: the same harness (accumulator, one division, AdamW) on
+    the same computation with its terms summed into one loss (`SummedSimCoT`)."""
+    base = methods.get("simcot")
+    summed = SummedSimCoT(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+    return simcot_step_fn(model, decoder, tx, b, loss_chunk, dataclasses.replace(summed, loss=(("lm", 1.0),)))
 
-    def loss(t, arrays, key):
-        terms = method.loss_terms(model, t[0], arrays, prefix_len=b.prefix_len, n_latent=b.n_latent,
-                                  dropout_key=key, loss_chunk=loss_chunk, parts={"decoder": (decoder, t[1])})
-        (s, n), (ss, sn) = terms["lm"], terms["steps"]
-        return s / n + ss / jnp.maximum(sn, 1.0)
 
-    def step(t, o, arrays, key):
-        value, g = jax.value_and_grad(loss)(t, arrays, key)
-        u, o = tx.update(g, o, t)
-        return optax.apply_updates(t, u), o, value
-    return jax.jit(step, donate_argnums=(0, 1))
+def ratio(a: list[float], b: list[float]) -> dict:
+    """Two steps' time ratio per round of interleaved repeats (the two ran within a round, under
+    the same load): its median, min and max over the rounds."""
+    r = [x / y for x, y in zip(a, b)]
+    return {"median": round(float(np.median(r)), 3), "min": round(min(r), 3), "max": round(max(r), 3)}
 
 
 def is_simcot(name: str) -> bool:
@@ -301,20 +314,16 @@ def main():
             if name.endswith("+simcot"):
                 mode, n = name[:-len("+simcot")].split("@")
                 if f"{mode}@{n}" in times:
-                    out[f"{mode}_simcot_over_coconut@{n}"] = round(out[name]["step_s_median"]
-                                                                   / out[f"{mode}@{n}"]["step_s_median"], 3)
+                    out[f"{mode}_simcot_over_coconut@{n}"] = ratio(times[name], times[f"{mode}@{n}"])
                 # The one-backward target: the two-term step against its terms summed into one loss.
-                out[f"{mode}_simcot_over_summed@{n}"] = round(out[name]["step_s_median"]
-                                                              / out[name + "_summed"]["step_s_median"], 3)
+                out[f"{mode}_simcot_over_summed@{n}"] = ratio(times[name], times[name + "_summed"])
         for name in times:
             if name.endswith("+lora") and name[:-len("+lora")] in times:
                 mode, n = name[:-len("+lora")].split("@")
-                out[f"{mode}_lora_over_full@{n}"] = round(out[name]["step_s_median"]
-                                                          / out[f"{mode}@{n}"]["step_s_median"], 3)
+                out[f"{mode}_lora_over_full@{n}"] = ratio(times[name], times[f"{mode}@{n}"])
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
-                out[f"{mode}_6_thoughts_over_plain"] = round(out[f"{mode}@6"]["step_s_median"]
-                                                             / out[f"{mode}@0"]["step_s_median"], 3)
+                out[f"{mode}_6_thoughts_over_plain"] = ratio(times[f"{mode}@6"], times[f"{mode}@0"])
     print(json.dumps(out, indent=1))
 
 
