@@ -159,8 +159,7 @@ def simcot_step_fn(model, decoder, tx, b, loss_chunk, method=None):
     def step(t, o, arrays, key):
         trained = trainable.pack(t[0], {"decoder": t[1]})
         scales = steps.term_scales(method, [(arrays, b.prefix_len, b.n_latent)], parts)
-        acc = {"grads": jax.tree.map(jnp.zeros_like, trained), "sums": {k: jnp.zeros(()) for k, _ in method.loss},
-               "counts": {k: jnp.zeros(()) for k, _ in method.loss}}
+        acc = steps.zero_accumulator(trained, [k for k, _ in method.loss])
         acc = steps.accumulate(model, trained, acc, arrays, key, scales, method=method, prefix_len=b.prefix_len,
                                n_latent=b.n_latent, loss_chunk=loss_chunk, part_models=parts)
         g, losses = steps.mean_gradient(acc, method.loss)

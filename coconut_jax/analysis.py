@@ -263,8 +263,6 @@ def cli():
         quiet_libraries()
         f = flags.FLAGS
         try:
-            if f.step is not None and f.best_any_stage:
-                raise config_lib.ConfigError("--step and --best_any_stage both choose the step; give one")
             run = load_trained(f.config, f.step, f.best_any_stage)
             if f.decode_steps:
                 report_steps(run, f.question, f.max_k)

@@ -68,8 +68,6 @@ def main(argv=None, api=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     a = p.parse_args(argv)
     try:
-        if a.step is not None and a.best_any_stage:
-            raise trained.TrainedError("--step and --best-any-stage both choose the step; give one")
         t = trained.from_run(a.run_dir, a.step, a.best_any_stage)
         print(f"exporting {t.where}, trained at {trained.describe_stage(t.settings)}", flush=True)
         out = export(t, a.out, a.peft, a.overwrite)

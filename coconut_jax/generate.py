@@ -36,8 +36,7 @@ def exactly(method: str, thoughts: int) -> tuple[data.Curriculum, int]:
 def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculum, int, bool]:
     """(curriculum, stage, whether the thought count is fixed) of the prompts: the run's at
     its step's stage, or exactly `thoughts` thoughts (one per stage step, padded)."""
-    cur = data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
-                          settings["epochs_per_stage"], settings["pad_latent_to_max"])
+    cur = trained.curriculum(settings)
     if thoughts is None:
         return cur, settings["stage"], False
     if not cur.markers:
@@ -115,8 +114,6 @@ def main(argv=None) -> int:
     try:
         if a.thoughts is not None and a.thoughts < 0:
             raise trained.TrainedError(f"--thoughts={a.thoughts} must be >= 0")
-        if a.step is not None and a.best_any_stage:
-            raise trained.TrainedError("--step and --best-any-stage both choose the step; give one")
         t = trained.open_trained(a.model, a.step, a.best_any_stage)
         cur, stage, fixed = curriculum_for(t.settings, a.thoughts)
         records, examples, cur, stage = questions(a, t.tok, cur, stage, fixed)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from coconut_jax import trainable
+
 SCHEDULES = ("constant", "cosine")
 # Leaves never decayed with decay_norms_and_biases=False: biases and normalisation scales (the
 # only leaves named "scale" in every family).
@@ -70,7 +72,6 @@ def lr_schedule(c, total: int):
 
 def decay_mask(params):
     """True where weight decay applies: every leaf but biases and normalisation scales."""
-    from coconut_jax import trainable
     return jax.tree_util.tree_map_with_path(lambda path, _: trainable.names(path)[-1] not in NO_DECAY, params)
 
 

@@ -113,6 +113,13 @@ def train_step(state: "TrainState", micro_batches, *, method, base_key, step: in
     return losses
 
 
+def zero_accumulator(trained, terms) -> dict:
+    """An empty accumulator for `accumulate`: one gradient tree like `trained`, and a sum and a
+    count per term (each scalar its own buffer, since `accumulate` donates them)."""
+    return {"grads": jax.tree.map(jnp.zeros_like, trained), "sums": {t: jnp.zeros((), jnp.float32) for t in terms},
+            "counts": {t: jnp.zeros((), jnp.float32) for t in terms}}
+
+
 def _weighted(x, w: float):
     return x if w == 1.0 else x * w  # a weight of 1 leaves the figures exactly as they were
 
@@ -256,9 +263,7 @@ class TrainState:
         terms = lay.terms
         self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
         self.update_fn = make_update(tx, loss, lay)
-        self._zeros = jax.jit(lambda p: {"grads": jax.tree.map(jnp.zeros_like, p),
-                                         "sums": {t: jnp.float32(0) for t in terms},
-                                         "counts": {t: jnp.float32(0) for t in terms}}, out_shardings=lay.acc_sh)
+        self._zeros = jax.jit(lambda p: zero_accumulator(p, terms), out_shardings=lay.acc_sh)
         self.opt_state = self._init(self.trained)
 
     @staticmethod

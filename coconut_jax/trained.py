@@ -29,9 +29,10 @@ SETTINGS_FILE = "coconut_jax.json"
 # generated with: `evaluate.generation_settings`).
 PROMPT_FIELDS = ("method", "c_thought", "max_latent_stage", "epochs_per_stage", "pad_latent_to_max")
 # What a Hugging Face directory without SETTINGS_FILE is asked with: a plain language model.
+# (its generation: the config's defaults, and 64 new tokens.)
 PLAIN_SETTINGS = {"method": "cot", "c_thought": 1, "max_latent_stage": 0, "epochs_per_stage": 1,
-                  "pad_latent_to_max": False, "stage": 0, "max_new_tokens": 64, "eval_batch_size": 0,
-                  "eval_pad_to_multiple": 128, "overlong": "error"}
+                  "pad_latent_to_max": False, "stage": 0,
+                  **evaluate.generation_settings(config_lib.base_config()), "max_new_tokens": 64}
 
 
 class TrainedError(ValueError):
@@ -81,12 +82,16 @@ def trained_stage(c, meta: dict) -> int:
     return methods.get(c.method).stage(epoch, c.epochs_per_stage)
 
 
+def curriculum(settings: dict):
+    """The curriculum of a step's prompt settings (PROMPT_FIELDS)."""
+    from coconut_jax import data
+    return data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
+                           settings["epochs_per_stage"], settings["pad_latent_to_max"])
+
+
 def describe_stage(settings: dict) -> str:
     """"stage 5 (6 thoughts)": the step's stage and the thoughts its prompts carry."""
-    from coconut_jax import data
-    stage = settings["stage"]
-    cur = data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
-                          settings["epochs_per_stage"], settings["pad_latent_to_max"])
+    stage, cur = settings["stage"], curriculum(settings)
     if not cur.markers:
         return f"stage {stage} (no thoughts)"
     k = cur.eval_latents(cur.max_latent_stage, stage)
@@ -117,6 +122,8 @@ def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> rundir.Source:
 
 
 def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) -> rundir.Source:
+    if step is not None and best_any_stage:
+        raise TrainedError("--step and --best-any-stage both choose the step; give one")
     if step is None:
         return model_step(ckpt_dir, c, best_any_stage)
     have = checkpoint.steps(ckpt_dir)

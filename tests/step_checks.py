@@ -36,8 +36,7 @@ def per_term_gradient(method, model, trained, micro_batches, *, frozen=None, par
 def one_backward_gradient(method, model, trained, micro_batches, *, frozen=None, part_models=()):
     """(gradient, losses) as `steps.train_step` computes them, before the optimizer."""
     scales = steps.term_scales(method, micro_batches, part_models)
-    acc = {"grads": jax.tree.map(jnp.zeros_like, trained), "sums": {t: jnp.zeros(()) for t, _ in method.loss},
-           "counts": {t: jnp.zeros(()) for t, _ in method.loss}}  # buffers of their own: accumulate donates them
+    acc = steps.zero_accumulator(trained, [t for t, _ in method.loss])
     for arrays, prefix_len, n_latent in micro_batches:
         acc = steps.accumulate(model, trained, acc, arrays, None, scales, method=method, prefix_len=prefix_len,
                                n_latent=n_latent, frozen=frozen, part_models=part_models)

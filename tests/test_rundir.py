@@ -215,3 +215,5 @@ def test_the_model_of_a_run_is_the_best_of_its_last_stage_not_of_every_stage(tmp
     assert trained.pick_step(ck.dir, c, 4).step == 4
     with pytest.raises(trained.TrainedError, match="no step 5"):
         trained.pick_step(ck.dir, c, 5)
+    with pytest.raises(trained.TrainedError, match="--step and --best-any-stage both choose the step"):
+        trained.pick_step(ck.dir, c, 4, best_any_stage=True)
