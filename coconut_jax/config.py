@@ -47,8 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lr = 1e-4
     c.weight_decay = 0.01
     # The optimizer beyond the reference's constant-rate AdamW (coconut_jax/optimizer.py); these
-    # defaults are the reference's. CODI's recipes: cosine, warm-up 0.03, clipping at 2.0, no
-    # decay on biases and norms (Hugging Face Trainer's defaults).
+    # defaults are the reference's. Recipes trained with Hugging Face's Trainer set cosine,
+    # warm-up, clipping and no decay on biases and norms (the Trainer's split).
     c.lr_schedule = "constant"         # "constant" or "cosine" (to 0 at the run's last step)
     c.warmup_ratio = 0.0               # the first ceil(ratio x steps) steps rise linearly to lr
     c.max_grad_norm = 0.0              # global gradient-norm clipping (0: none)
@@ -88,9 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Face module names as PEFT takes them, e.g. ("q_proj", "v_proj"); () = every projection of
     # attention and MLP), scaled by alpha / rank, with dropout on their input while training,
     # plus what the method trains beside them (Coconut: its three tokens' embedding rows) or,
-    # with train_embeddings, the whole embedding and head. Defaults follow CODI (alpha 32, dropout 0.1).
+    # with train_embeddings, the whole embedding and head. Defaults: alpha 32, dropout 0.1.
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 32.0, "dropout": 0.1, "targets": (),
                                         "train_embeddings": False})
+    # Each method's own settings, `--config.<method>.<key>` (the `settings` of its record in
+    # coconut_jax/methods/; read only when that method runs).
+    for method in methods.REGISTRY.values():
+        if method.settings:
+            c[method.name] = ml_collections.ConfigDict(dict(method.settings))
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa". The data,
     # like the initial weights and the order, follow `seed`.
     c.prepare = ml_collections.ConfigDict({
@@ -103,6 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
         # Start the model with a fact-lookup circuit instead of random weights (coconut_jax.demo.induction).
         "induction_heads": False})
     return c
+
+
+def method_of(c) -> methods.Method:
+    """The run's method record, configured with its own settings block (`Method.configure`)."""
+    method = methods.get(c.method)
+    return method.configure(c[method.name].to_dict()) if method.settings else method
 
 
 def small_model_on_cpu(c) -> None:
@@ -146,6 +157,11 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     need(c.overlong in OVERLONG_POLICIES, f"overlong={c.overlong!r} is not one of {OVERLONG_POLICIES}")
     need(c.step_groups in STEP_RULES, f"step_groups={c.step_groups!r} is not one of {', '.join(STEP_RULES)}")
     need(c.wandb_mode in ("online", "offline", "disabled"), f"wandb_mode={c.wandb_mode!r} must be online, offline or disabled")
+    if method.settings:
+        try:
+            method = method.configure(c[method.name].to_dict())
+        except ValueError as e:
+            raise ConfigError(f"config: {e}") from None
     from coconut_jax import optimizer
     for problem in method.config_errors(c) + optimizer.config_errors(c):
         need(False, problem)

@@ -76,6 +76,17 @@ def batch_shapes(mesh, rows: int, width: int, step_shape: tuple[int, int] | None
     return out
 
 
+def global_shapes(mesh, arrays: dict, processes: int = 1) -> dict:
+    """Abstract arrays of a micro-batch on the mesh, from one host's arrays of it (each host
+    holds its share of the rows)."""
+    import jax
+
+    from coconut_jax import sharding
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct((a.shape[0] * processes, *a.shape[1:]), a.dtype, sharding=sh)
+            for k, a in arrays.items()}
+
+
 def _live(mem) -> int:
     return mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
 

@@ -121,7 +121,9 @@ class Evaluator:
         """{"eval/loss": the method's objective over the validation set, and "eval/<term>" for
         each term of a several-term loss}: each term's sums over every batch, divided once."""
         run, spec = self.run, self.run.cur.spec
-        plan = run.plan(run.val_examples, stage, run.at.epoch, shuffle=False, static_shapes=True)
+        # A per-batch term is only the reference's in the reference's batches: eval_batch_size rows.
+        rows = data.round_up(self.rows, run.ctx.data_devices) if spec.loss_per_batch else None
+        plan = run.plan(run.val_examples, stage, run.at.epoch, shuffle=False, static_shapes=True, batch_size=rows)
         batches = [steps.eval_loss_terms(run.model, run.params, run.put(batch), method=spec,
                                          prefix_len=batch.prefix_len, n_latent=batch.n_latent,
                                          loss_chunk=run.c.loss_chunk, parts=run.state.parts,
@@ -143,8 +145,10 @@ class Evaluator:
         if eval_loss:
             out.update(self.loss(stage))
         one_process = jax.process_count() == 1
-        preds = generate_predictions(
-            run.model, run.params, run.val_examples, run.val_records, stage, run.cur, run.tokens, run.tok,
+        parts = {p.name: (dict(run.state.part_models)[p.name], run.state.parts[p.name])
+                 for p in run.cur.spec.parts if p.inference}
+        preds = run.cur.spec.predict(
+            run.model, run.params, parts, run.val_examples, run.val_records, stage, run.cur, run.tokens, run.tok,
             # Sharded over this host's devices: batches padded to a multiple of them with unscored filler rows.
             batch_size=self.rows, row_multiple=ctx.data_devices if one_process else 1,
             max_new_tokens=self.max_new, multiple=c.eval_pad_to_multiple, context=run.model.config.n_positions,
@@ -172,8 +176,10 @@ def eval_rows_for(c) -> int:
 
 
 def max_new_tokens_for(c) -> int:
-    """`max_new_tokens`, or the reference's default: 64 for GSM8K (by the file's name), else 128."""
-    return c.max_new_tokens or (64 if "gsm" in os.path.basename(c.val_path) else 128)
+    """`max_new_tokens`, or the method's own default, or the reference's: 64 for GSM8K (by the
+    file's name), else 128."""
+    return (c.max_new_tokens or config_lib.method_of(c).max_new_tokens()
+            or (64 if "gsm" in os.path.basename(c.val_path) else 128))
 
 
 def generation_settings(c) -> dict:

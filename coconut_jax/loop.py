@@ -91,11 +91,10 @@ def report_start(run: Run, batch) -> dict:
     analysis of the compiled step at the first batch's shape; `coconut_jax.plan` computes the
     same before a run). Compiling here is the first step's compilation, not an extra one."""
     c, mesh = run.c, run.ctx.mesh
-    rows, width = batch.input_ids.shape[0] * jax.process_count(), batch.input_ids.shape[1]
-    steps_shape = batch.extras["step_ids"].shape[1:] if "step_ids" in batch.extras else None
+    rows, width = len(batch.indices) * jax.process_count(), batch.width
     mem = costs.step_memory(run.model, run.state.layout, run.state.update_fn, run.cur.spec,
-                            costs.batch_shapes(mesh, rows, width, steps_shape), prefix_len=batch.prefix_len,
-                            n_latent=batch.n_latent, loss_chunk=c.loss_chunk)
+                            costs.global_shapes(mesh, batch.arrays(), jax.process_count()),
+                            prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=c.loss_chunk)
     dev = jax.devices()[0]
     per = rows // run.ctx.data_devices
     run.ctx.say(f"devices: {jax.device_count()} x {dev.device_kind} ({jax.process_count()} process(es)); mesh data="
@@ -118,7 +117,7 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
 
     def make(k):
         batch = plan.batch(k)
-        return batch, run.put(batch), int(batch.attention_mask.sum()) * jax.process_count()
+        return batch, run.put(batch), batch.token_count() * jax.process_count()
     if starts and not losses.reported:
         report_start(run, plan.batch(starts[0]))
         losses.reported = True
@@ -134,7 +133,7 @@ def train_steps(run: Run, plan, stage: int, losses: LossLog, preemption: Preempt
                     batch, arrays, n = next(batches)
                     tokens[0] += n
                     if losses.peak:
-                        flops[0] += costs.model_flops(run.model, n, batch.input_ids.shape[1])
+                        flops[0] += costs.model_flops(run.model, n, batch.width)
                     yield batch, arrays
             step_losses = steps.train_step(run.state, micro_batches(), method=run.cur.spec, base_key=base,
                                            step=at.step, loss_chunk=c.loss_chunk)

@@ -7,8 +7,8 @@
 
 These follow Hugging Face's Trainer (`get_cosine_schedule_with_warmup`,
 `get_constant_schedule_with_warmup`, `clip_grad_norm_` before the step, and its default
-split of parameters into decayed and not: biases and norm weights are not), which CODI's and
-SIM-CoT's recipes run. Their defaults (constant, no warm-up, no clipping, decay on every
+split of parameters into decayed and not: biases and norm weights are not), which the
+recipes trained with that Trainer run. Their defaults (constant, no warm-up, no clipping, decay on every
 parameter) are the Coconut reference's `AdamW(lr, weight_decay)`, built as exactly the
 optimizer the project always built, so every earlier figure and checkpoint stays as it was.
 

@@ -157,8 +157,7 @@ def make_plan(c, *, length: int | None = None, device_memory: float | None = Non
         from coconut_jax.demo import prepare
         c = c.copy_and_resolve_references()
         prepare.prepare_synthetic(c)  # the demo's model is built locally (or reused): its config.json is the shapes
-    cur = data.Curriculum(c.method, c.c_thought, c.max_latent_stage, c.epochs_per_stage, c.pad_latent_to_max,
-                          c.uniform_prob)
+    cur = data.Curriculum.from_config(c)
     config = _model_config(c, len(hf.load_tokenizer(c.model_id)))  # the tokenizer with the latent tokens
     length = length or config.n_positions
 

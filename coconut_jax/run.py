@@ -78,10 +78,14 @@ class Run:
     def run_dir(self) -> str:
         return self.ctx.run_dir
 
-    def plan(self, examples, stage: int, epoch: int, shuffle: bool = True, static_shapes: bool | None = None):
-        """The batches of `examples` at `stage` in `epoch` (`data.EpochPlan`), this host's rows."""
-        return data.EpochPlan(examples, self.cur, self.tokens, stage, epoch, self.plan_settings, shuffle,
-                              static_shapes)
+    def plan(self, examples, stage: int, epoch: int, shuffle: bool = True, static_shapes: bool | None = None,
+             batch_size: int | None = None):
+        """The batches of `examples` at `stage` in `epoch` (the method's `epoch_plan`: Coconut's
+        `data.EpochPlan`), this host's rows; `batch_size` rows a batch instead of the micro-batch's."""
+        settings = self.plan_settings if batch_size is None else dataclasses.replace(self.plan_settings,
+                                                                                      batch_size=batch_size)
+        return self.cur.spec.epoch_plan(examples, self.cur, self.tokens, stage, epoch, settings, shuffle,
+                                        static_shapes)
 
     def put(self, batch):
         """A batch's arrays on the mesh, sharded over the data-parallel devices."""
@@ -138,30 +142,30 @@ def build_run(ctx: RunContext) -> Run:
     the sharded train state, the datasets, and the position to start from: a resume restores
     its checkpoint and cuts metrics.jsonl back to it; a fresh start empties metrics.jsonl."""
     c = ctx.c
-    cur = data.Curriculum(c.method, c.c_thought, c.max_latent_stage, c.epochs_per_stage, c.pad_latent_to_max,
-                          c.uniform_prob)
+    cur = data.Curriculum.from_config(c)
+    spec = cur.spec
     tok = hf.load_tokenizer(c.model_id)
-    tokens = latent_vocab.latent_tokens(tok)
+    tokens = spec.special_tokens(tok, hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size)
     own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
     config, params, base = _weights(c, source, tok)
     # An evaluation alone trains nothing: no adapters (a hand-off from a LoRA run arrives merged).
-    model = build_model(c, config, cur.spec.lora_tokens(tokens), lora=not c.only_eval)
+    model = build_model(c, config, spec.lora_tokens(tokens), lora=not c.only_eval)
     if model.lora is not None:
         params = lora_lib.attach(model, params, c.seed)
-    parts = {name: (build_model(c, part_config, lora=False), part_params)
-             for name, (part_config, part_params) in rundir.load_part_weights(source, c.method, c.model_id).items()}
+    parts = build_parts(c, spec, model, rundir.load_part_weights(source, c.method, c.model_id))
     val_records, val_examples = data.load_dataset(
-        c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir)
+        c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir,
+        text_format=spec)
     train_examples = [] if c.only_eval else data.load_dataset(
         c.train_path, tok, 5000 if c.debug else None, c.cache_dir, with_records=False,
-        tfds_data_dir=c.tfds_data_dir)[1]
+        tfds_data_dir=c.tfds_data_dir, text_format=spec)[1]
     # The learning-rate schedule spans the optimizer steps of the epochs this run trains.
-    tx = optimizer.make_optimizer(c, optimizer.total_steps(c, len(train_examples)))
-    state = steps.TrainState(model, params, ctx.mesh, tx, jnp.dtype(c.param_dtype), loss=cur.spec.loss, parts=parts,
-                             trains=trains(model, cur.spec), base_in_checkpoint=model.lora is None)
+    tx = optimizer.make_optimizer(c, optimizer.total_steps(c, spec.training_records(train_examples)))
+    state = steps.TrainState(model, params, ctx.mesh, tx, jnp.dtype(c.param_dtype), loss=spec.loss, parts=parts,
+                             trains=trains(model, spec), base_in_checkpoint=model.lora is None)
     targets = None
-    if cur.spec.step_targets:
+    if spec.step_targets:
         targets = data.StepTargets(c.step_groups, data.step_ids(tok), c.max_latent_stage, cur.thoughts_per_step)
         for path, examples in ((c.train_path, train_examples), (c.val_path, val_examples)):
             if len(examples):
@@ -177,6 +181,21 @@ def build_run(ctx: RunContext) -> Run:
         ctx.sink.truncate(0)  # a start over: what an interrupted start logged is not this run's
         ctx.say(f"weights from {source.describe() or c.model_id}")
     return run
+
+
+def build_parts(c, spec, model, stored: dict) -> dict:
+    """{name: (module, host params or None)} of the method's parts: a "pretrained" part is the
+    family's model of its config; a "fresh" one the method's module (`Method.part_module`),
+    from its stored params (a hand-off) or the run's seed (a resume then restores its own)."""
+    out = {}
+    for part in spec.parts:
+        config_or_none, params = stored[part.name]
+        if part.source == "fresh":
+            module = spec.part_module(part, model.config)
+            out[part.name] = (module, params if params is not None else module.init(c.seed))
+        else:
+            out[part.name] = (build_model(c, config_or_none, lora=False), params)
+    return out
 
 
 def _weights(c, source, tok):

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, latent_vocab, methods, tfds_source
+from coconut_jax import checkpoint, methods, tfds_source
 from coconut_jax.files import cause, write_atomic
 
 RUN_FILE = "run.json"
@@ -66,6 +66,8 @@ def identity(c) -> dict:
         fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
     if methods.get(c.method).step_targets:
         fields += ("step_groups",)  # only then: runs of other methods keep the identity they had
+    if methods.get(c.method).settings:
+        fields += (c.method,)  # the method's own settings block
     ident = {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
     if c.lora.rank and not c.only_eval:  # only then, likewise
         ident["lora"] = {f: _plain(c.lora[f]) for f in LORA_FIELDS}
@@ -263,6 +265,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
     params returned are None."""
     from coconut_jax import hf
     config = hf.load_config(hf.resolve_model_dir(model_id))
+    pretrained_vocab = config.vocab_size
     if source.kind == "resume":
         config = dataclasses.replace(config, vocab_size=checkpoint.param_shapes(source.path, source.step)["wte"][0])
         return config, None
@@ -276,9 +279,7 @@ def load_weights(source: Source, model_id: str, method: str, tok):
     else:
         params = _load_ours(source, config, method, model_id, tok)
     config = dataclasses.replace(config, vocab_size=params["wte"].shape[0])
-    if methods.get(method).latent_tokens:
-        config, params = latent_vocab.add_latent_rows(config, params, tok)
-    return config, params
+    return methods.get(method).add_rows(config, params, tok, pretrained_vocab)
 
 
 def load_part_weights(source: Source, method: str, model_id: str) -> dict:
@@ -296,9 +297,11 @@ def load_part_weights(source: Source, method: str, model_id: str) -> dict:
             raise RunDirError(f"load_model_path={source.describe()}: damaged checkpoint ({e.why})") from e
     out = {}
     for part in parts:
-        if part.source != "pretrained":
+        if part.source not in ("pretrained", "fresh"):
             raise ValueError(f"method {method!r}: part {part.name!r} has unknown source {part.source!r}")
-        if source.kind == "resume":
+        if part.source == "fresh":  # built by the method (run.build_run): its params, if stored
+            out[part.name] = (None, stored.get(part.name))
+        elif source.kind == "resume":
             out[part.name] = (hf.load_config(hf.resolve_model_dir(model_id)), None)
         elif part.name in stored:
             config = hf.load_config(hf.resolve_model_dir(model_id))

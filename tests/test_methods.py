@@ -13,11 +13,11 @@ from tests.conftest import ROOT
 REFERENCE = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
 
 
-def test_registry_holds_the_reference_methods_in_order_then_simcot():
-    assert methods.NAMES == REFERENCE + ("simcot",)
+def test_registry_holds_the_reference_methods_in_order_then_the_others():
+    assert methods.NAMES == REFERENCE + ("codi", "simcot")
     assert all(methods.get(n).name == n for n in methods.NAMES)
     with pytest.raises(ValueError, match="method 'latent' is not one of coconut, cot, no_thoughts, no_cot, "
-                                         "pause_as_thought, simcot"):
+                                         "pause_as_thought, codi, simcot"):
         methods.get("latent")
 
 

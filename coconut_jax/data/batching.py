@@ -35,6 +35,16 @@ class Batch:
         base = ("input_ids", "attention_mask", "position_ids", "labels", "latent_mask")
         return {**{k: getattr(self, k) for k in base}, **self.extras}
 
+    # What the training loop reads of any method's batch (throughput and FLOPs).
+    def token_count(self) -> int:
+        """The real (unpadded) tokens the batch runs through the model."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def width(self) -> int:
+        """The sequence length the attention's cost is counted at."""
+        return self.input_ids.shape[1]
+
 
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple if multiple > 1 else n

@@ -4,6 +4,7 @@ from the method's record (coconut_jax/methods/)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -25,14 +26,24 @@ class Curriculum:
     epochs_per_stage: int = 5
     pad_latent_to_max: bool = True
     uniform_prob: float = 0.0
+    settings: tuple = ()  # the method's own settings ((key, value), ...; `Method.configure`)
 
     def __post_init__(self):
-        methods.get(self.method)  # ValueError naming the known methods
+        methods.get(self.method).configure(dict(self.settings))  # ValueError naming the known methods or keys
 
-    @property
+    @classmethod
+    def from_config(cls, c) -> "Curriculum":
+        """A run config's curriculum (a ConfigDict, or run.json's dict of it)."""
+        block = c.get(c["method"]) if methods.get(c["method"]).settings else None
+        block = block.to_dict() if hasattr(block, "to_dict") else (block or {})
+        return cls(c["method"], c["c_thought"], c["max_latent_stage"], c["epochs_per_stage"], c["pad_latent_to_max"],
+                   c.get("uniform_prob", 0.0), tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                            for k, v in block.items())))
+
+    @functools.cached_property
     def spec(self) -> methods.Method:
-        """The method's definition (methods/), which decides everything below."""
-        return methods.get(self.method)
+        """The method's definition (methods/), with the run's settings, which decides everything below."""
+        return methods.get(self.method).configure(dict(self.settings))
 
     @property
     def thoughts_per_step(self) -> int:

@@ -26,10 +26,12 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def cache_key(source_digest: str, tokenizer, max_size) -> str:
-    """The dataset's contents, the whole tokenizer, the size limit and the format version: a
-    change to any of them is a different cache."""
+def cache_key(source_digest: str, tokenizer, max_size, text_format: str = "") -> str:
+    """The dataset's contents, the whole tokenizer, the size limit, the format version and the
+    method's text format ("": Coconut's): a change to any of them is a different cache."""
     h = hashlib.sha256(f"{source_digest}|{max_size}|v{CACHE_FORMAT}".encode())
+    if text_format:  # only then: Coconut's caches keep their keys
+        h.update(f"|format={text_format}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
     h.update(repr(sorted(tokenizer.get_added_vocab().items())).encode())
@@ -88,14 +90,16 @@ def read_cache(directory: str) -> TokenizedSet | None:
 
 
 def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: str | None = None,
-                 with_records: bool = True, tfds_data_dir: str = "") -> tuple[list[dict] | None, TokenizedSet]:
+                 with_records: bool = True, tfds_data_dir: str = "",
+                 text_format=None) -> tuple[list[dict] | None, TokenizedSet]:
     """Validated records (None when not asked for) and their tokenized set, cached on disk
     when `cache_dir` is set.
 
     `path` is a Coconut JSON file or a TFDS split `tfds:NAME/SPLIT` (in `tfds_data_dir`,
     see `coconut_jax.tfds_source`), whose records are the same, in the same order, as the file
     it was packed from. A cached set is used only for the same contents, tokenizer, size
-    limit and format version; it is memory-mapped, so a training set costs its token count
+    limit and format version; `text_format` (a method, `Method.tokenize` and `format_key`;
+    None: Coconut's) turns records into tokens. It is memory-mapped, so a training set costs its token count
     in int32 pages. With a cache hit and `with_records=False` the records are not even read
     (the cache was made from records that validated, and its key is their contents).
     """
@@ -110,7 +114,8 @@ def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: s
         raise DataError(f"{path}: dataset file not found")
     else:
         digest = file_digest(path)
-    cache = os.path.join(cache_dir, cache_key(digest, tokenizer, max_size)) if cache_dir else None
+    key = getattr(text_format, "format_key", "")
+    cache = os.path.join(cache_dir, cache_key(digest, tokenizer, max_size, key)) if cache_dir else None
     ts = read_cache(cache) if cache else None
     records = None
     if with_records or ts is None:
@@ -121,7 +126,7 @@ def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: s
         else:
             records = load_records(path, max_size)
     if ts is None:
-        ts = tokenize_records(records, tokenizer, path)
+        ts = (text_format.tokenize if text_format is not None else tokenize_records)(records, tokenizer, path)
         if cache:
             write_cache(cache, ts)
     return (records if with_records else None), ts

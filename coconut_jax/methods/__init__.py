@@ -11,7 +11,8 @@ Adding a method
    of `Method` (methods/base.py) say what each one decides. A method whose training loss is not
    the language-model loss over the sequence's labels overrides `Method.loss_terms` (a subclass;
    the record stays hashable, since jitted steps take it as a static argument).
-2. Add the module to `_MODULES` below; `--config.method=NAME` then works with every config.
+2. That is all: every module (or package) of this package with a `METHOD` is registered, and
+   `--config.method=NAME` works with every config.
 3. Test it beside tests/test_methods.py: its sequences at each stage (tests/test_data.py shows
    the literal form), and a short run through the CLI.
 
@@ -21,20 +22,34 @@ counts never depend on the params). A step sums the counts over its micro-batche
 takes one backward pass per micro-batch with each term's cotangent weighed by its count, so that
 every term is divided by its own count over the whole optimizer step (`steps.term_scales`).
 
-A method may add modules of its own beside the model (`parts`, `Part`: created from `model_id`'s
-pretrained weights, sharded, trained, checkpointed and restored with the model, used in training
-only) and freeze model parameters (`trains`). SIM-CoT (`simcot.py`) does the first, the test
-probe (tests/probe_method.py) both.
+A method may add modules of its own beside the model (`parts`, `Part`: a copy of `model_id`'s
+pretrained model or a module the method builds fresh; sharded, trained, checkpointed and
+restored with the model; used in training only or by generation too) and freeze model
+parameters (`trains`). SIM-CoT (`simcot.py`) adds a pretrained decoder used in training only,
+the test probe (tests/probe_method.py) also freezes; a method may build a small network of its
+own that generation needs too (a `Part` with source "fresh" and `inference`).
+
+A method may also own what a record becomes and how an answer is read: its settings (`settings`,
+the config block `--config.NAME.KEY`), its text format (`tokenize`, `format_key`), the ids it
+adds (`special_tokens`, `add_rows`), its batches (`epoch_plan`: any arrays, any number of
+sequences per record, built without JAX; a batch offers `arrays()`, `indices`, `token_count()`,
+`width`, `prefix_len` and `n_latent`), its generation and scoring (`predict`,
+`max_new_tokens`). The model reports every layer's hidden state at chosen positions
+(`FunctionalModel.body(..., taps=)`). The defaults are Coconut's.
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from coconut_jax.methods.base import Method
 
-_MODULES = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought", "simcot")
+# The reference's methods first, in its order; then every other module (or package) of this
+# package that defines a METHOD, alphabetically: a new method is a file dropped here.
+_REFERENCE = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
+_OTHERS = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _REFERENCE + ("base",))
 REGISTRY: dict[str, Method] = {}
-for _name in _MODULES:
+for _name in _REFERENCE + tuple(_OTHERS):
     _method = importlib.import_module(f"coconut_jax.methods.{_name}").METHOD
     REGISTRY[_method.name] = _method
 NAMES = tuple(REGISTRY)

@@ -7,20 +7,28 @@ import dataclasses
 import numpy as np
 
 
+def _plain(v):
+    """A setting's value in a hashable form (the record is a static argument of jitted steps)."""
+    return tuple(v) if isinstance(v, list) else v
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     """A module a method adds beside the model, with parameters of its own: created when a run
     starts, sharded by its own logical axes, trained by the same optimizer, checkpointed and
-    restored with the model (under `parts/<name>`), never used by generation and never
-    exported as the model.
+    restored with the model (under `parts/<name>`).
 
     name: its key in the run's parts (and checkpoints).
     source: where a fresh run takes its weights: "pretrained", a copy of `model_id`'s
-        pretrained model at its own vocabulary (not resized to the latent tokens). A
-        hand-off (`load_model_path`) from a checkpoint that holds the part takes it from there.
+        pretrained model at its own vocabulary (not resized to the latent tokens); "fresh", the
+        module `Method.part_module` builds, initialised from the run's seed. A hand-off
+        (`load_model_path`) from a checkpoint that holds the part takes it from there.
+    inference: generation needs it too (the method's `predict` receives it); otherwise it is
+        used in training only.
     """
     name: str
     source: str = "pretrained"
+    inference: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,12 @@ class Method:
     step_targets: batches carry each row's step targets (`data.step_targets`: `step_ids`,
         `step_mask` [rows, groups, length]), what each group of thoughts replaced, parsed by the
         config's `step_groups` rule.
+    settings: the method's own settings and their defaults, the config block
+        `--config.<name>.<key>` (validated with the rest of the config, part of the run's
+        identity, unknown keys refused); `configure` returns the record with a run's values.
+    loss_per_batch: a term of the loss is normalised per batch (not per token), so the
+        validation loss is taken in batches of `eval_batch_size` rows, the file's records in
+        order, as the reference forms them.
     """
     name: str
     summary: str
@@ -61,6 +75,68 @@ class Method:
     loss: tuple[tuple[str, float], ...] = (("lm", 1.0),)
     parts: tuple[Part, ...] = ()
     step_targets: bool = False
+    settings: tuple[tuple[str, object], ...] = ()
+    loss_per_batch: bool = False
+    format_key: str = ""  # a method with its own text format names it (token caches key on it)
+
+    # -- a method's own settings ---------------------------------------------------------------
+    def configure(self, values: dict | None) -> "Method":
+        """The record with a run's values of `settings` (a key it does not have: ValueError)."""
+        if not values:
+            return self
+        known = dict(self.settings)
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"method {self.name!r} has no setting {unknown[0]!r} (its settings: "
+                             f"{', '.join(known) or 'none'})")
+        return dataclasses.replace(self, settings=tuple((k, _plain(values.get(k, v))) for k, v in self.settings))
+
+    def setting(self, key: str):
+        return dict(self.settings)[key]
+
+    # -- what a run's data is, for this method (defaults: Coconut's text and batches) -----------
+    def tokenize(self, records, tokenizer, source: str):
+        """Records -> the method's `data.TokenizedSet` (Coconut's text format: SPEC §1)."""
+        from coconut_jax.data.tokens import tokenize_records
+        return tokenize_records(records, tokenizer, source)
+
+    def training_records(self, examples) -> int:
+        """How many of a tokenized training set's records an epoch trains on (all, here)."""
+        return len(examples)
+
+    def special_tokens(self, tok, vocab_size: int):
+        """The ids a run's sequences use beyond the text's (`vocab_size`: the pretrained
+        model's): Coconut's latent tokens, eos and pad (`latent_vocab.LatentTokens`)."""
+        from coconut_jax import latent_vocab
+        return latent_vocab.latent_tokens(tok)
+
+    def add_rows(self, config, params, tok, pretrained_vocab: int):
+        """(config, params) with the embedding rows the method's tokens need: the latent rows
+        when `latent_tokens` (copied from `<<`), none otherwise."""
+        if not self.latent_tokens:
+            return config, params
+        from coconut_jax import latent_vocab
+        return latent_vocab.add_latent_rows(config, params, tok)
+
+    def epoch_plan(self, examples, cur, tokens, stage: int, epoch: int, settings, shuffle: bool = True,
+                   static_shapes: bool | None = None):
+        """An epoch's batches (`data.EpochPlan`: `len`, `batch(k)`, `batches()`)."""
+        from coconut_jax.data.batching import EpochPlan
+        return EpochPlan(examples, cur, tokens, stage, epoch, settings, shuffle, static_shapes)
+
+    def part_module(self, part: Part, model_config):
+        """The module of a "fresh" part (`param_shapes`, `logical_axes`, `init(seed)`, hashable)."""
+        raise ValueError(f"method {self.name!r}: part {part.name!r} has no module to build")
+
+    def max_new_tokens(self) -> int | None:
+        """The method's own default generation length (None: the reference Coconut's rule)."""
+        return None
+
+    def predict(self, model, params, parts, examples, records, stage, cur, tokens, tokenizer, **kw):
+        """Greedy answers to `examples`, scored (`evaluate.Prediction`s); `parts`: {name:
+        (module, params)} of the parts generation needs. Coconut's prompts and scoring here."""
+        from coconut_jax import evaluate
+        return evaluate.generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, **kw)
 
     def thoughts_per_step(self, c_thought: int) -> int:
         return c_thought if self.thoughts else 0

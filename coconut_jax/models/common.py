@@ -262,7 +262,7 @@ class FunctionalModel:
         policy = REMAT_POLICIES[self.remat]
         return self._layer if self.remat == "none" else jax.checkpoint(self._layer, policy=policy)
 
-    def body(self, params, embeds, positions, key_mask, past=(), dropout_key=None):
+    def body(self, params, embeds, positions, key_mask, past=(), dropout_key=None, taps=None):
         """Runs the transformer on `embeds` (token embeddings or continuous thoughts).
 
         `key_mask` [B,T] says which inputs are real tokens; attention among the inputs is
@@ -270,6 +270,10 @@ class FunctionalModel:
         the inputs: a sequence of segments {"k", "v": [L,B,K,S,D], "mask": [B,S]}, every
         valid key of which each input attends to. Returns (final hidden states [B,T,E],
         {"k", "v": [L,B,K,T,D]} of the inputs), so a caller can extend `past`.
+
+        `taps` [B] (an input index per row): also returns every layer's hidden state at it,
+        [n_layer + 1, B, E] in Hugging Face's `hidden_states` convention: the first layer's
+        input, the outputs of layers 0..n-2, and the final-normed output of the last layer.
         """
         n, per = self.config.n_layer, self.keys_per_layer
         t = embeds.shape[1]
@@ -278,26 +282,37 @@ class FunctionalModel:
         self_allowed = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask.astype(bool)[:, None, :]
         past_allowed = [seg["mask"].astype(bool)[:, None, :] for seg in past]
         layer = self._layer_fn()
+        rows = jnp.arange(x.shape[0])
+
+        def tap(x):
+            return None if taps is None else x[rows, taps]
+        first = tap(x)
         if self.scan_layers:
             def step(x, xs):
                 p, seg_kv, layer_keys = xs
                 layer_past = [(k, v, allowed) for (k, v), allowed in zip(seg_kv, past_allowed)]
-                return layer(p, x, self_allowed, layer_past, ctx,
-                             [None] * per if layer_keys is None else list(layer_keys))
+                x, kv = layer(p, x, self_allowed, layer_past, ctx, [None] * per if layer_keys is None else list(layer_keys))
+                return x, (kv, tap(x))
             stacked = self.stack_layers(params)["h"]
             seg_kv = [(seg["k"], seg["v"]) for seg in past]
             layer_keys = None if dropout_key is None else jnp.stack(keys[1:]).reshape(n, per)
-            x, (new_k, new_v) = jax.lax.scan(step, x, (stacked, seg_kv, layer_keys))
+            x, ((new_k, new_v), tapped) = jax.lax.scan(step, x, (stacked, seg_kv, layer_keys))
         else:
-            new_k, new_v = [], []
+            new_k, new_v, tapped = [], [], []
             for i in range(n):
                 layer_past = [(seg["k"][i], seg["v"][i], allowed) for seg, allowed in zip(past, past_allowed)]
                 x, (k, v) = layer(params["h"][str(i)], x, self_allowed, layer_past, ctx,
                                   keys[1 + per * i: 1 + per * (i + 1)])
                 new_k.append(k)
                 new_v.append(v)
+                tapped.append(tap(x))
             new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
-        return self._final(params, x), {"k": new_k, "v": new_v}
+            tapped = None if taps is None else jnp.stack(tapped)
+        hidden, kv = self._final(params, x), {"k": new_k, "v": new_v}
+        if taps is None:
+            return hidden, kv
+        # The last layer's entry is its final-normed output, as Hugging Face reports it.
+        return hidden, kv, jnp.concatenate([first[None], tapped[:-1], tap(hidden)[None]]).astype(hidden.dtype)
 
     # -- what a family defines ----------------------------------------------------------------
     def _inputs(self, params, embeds, positions, key):

@@ -1,0 +1,209 @@
+"""CODI (Shen et al., EMNLP 2025): one model trained on two views of each record at once.
+
+A teacher reads the question, the written chain and the answer; a student reads the question,
+runs `num_latent` continuous thoughts through a small projection network (`projection`, a part
+built fresh and needed at inference) and then writes the answer. A distillation term pulls
+the student's hidden state of every layer at the token before the answer towards the
+teacher's (docs/codi.md):
+
+    loss = student CE + teacher_factor x teacher CE + distill_factor x distillation
+
+There is no curriculum (every epoch is stage 0); evaluation asks each question with the same
+`num_latent` thoughts. This package is the method whole: its text and batches (`data`, no
+JAX) and its computation (`forward`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from coconut_jax.methods.base import Method, Part
+
+# The text and batches (codi/data.py) import the data pipeline, which imports this registry:
+# read them when a method function runs, not when the registry is built.
+PHRASE, ANSWERS = "The answer is:", ("number", "text")
+
+
+def _data():
+    from coconut_jax.methods.codi import data
+    return data
+
+SETTINGS = (
+    ("num_latent", 6),             # continuous thoughts, in training and at evaluation
+    ("prj_dim", 0),                # the projection's hidden width (0: the model's width, both recipes' choice)
+    ("prj_norm", True),            # the projection ends with a LayerNorm
+    ("distill_factor", 1.0),       # the distillation term's weight (the Llama recipe: 20)
+    ("teacher_factor", 1.0),       # the teacher's token loss weight (the reference's ref_loss_factor)
+    ("include_last_cot", False),   # the teacher reads the chain's last step too (the reference drops it)
+    ("max_token_num", 1000),       # records longer (question + steps + answer, in tokens) do not train
+    ("mask_pads", False),          # our fix: mask the student's left pads and start positions after them
+    ("answers", "number"),         # "number": GSM8K's (the last word, numeric answers train, the last number
+                                   # scores); "text": the whole answer, scored by its text (ProsQA, ProntoQA)
+)
+
+_NUMBER = re.compile(r"-?\d+\.?\d*")
+
+
+def last_number(text: str) -> float | None:
+    """The reference's answer: the last number in the text (commas removed), as a float."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    if not found:
+        return None
+    try:
+        return float(found[-1])
+    except ValueError:
+        return None
+
+
+def score(text: str, gold: str, answers: str) -> tuple[str, bool]:
+    """(the answer read from generated `text`, whether it is right). "number": the reference's
+    (the last number, as a float, equal to the gold's); "text": what follows "The answer is:",
+    equal to the gold answer (both stripped)."""
+    if answers == "text":
+        got = text.split(PHRASE, 1)[-1].strip()
+        return got, got == gold.strip()
+    got, want = last_number(text), last_number(gold)
+    return ("" if got is None else f"{got:g}"), got is not None and got == want
+
+
+@dataclasses.dataclass(frozen=True)
+class Codi(Method):
+    def configure(self, values):
+        m = super().configure(values)
+        s = dict(m.settings)
+        return dataclasses.replace(
+            m, loss=(("student", 1.0), ("teacher", float(s["teacher_factor"])), ("distill", float(s["distill_factor"]))),
+            format_key=f"codi:last={bool(s['include_last_cot'])}:max={int(s['max_token_num'])}:answers={s['answers']}")
+
+    def config_errors(self, c) -> list[str]:
+        s = dict(self.configure(c[self.name].to_dict()).settings)
+        out = []
+        if s["num_latent"] < 1:  # the reference crashes on 0 (SPEC-CODI §7 item 11)
+            out.append(f"{self.name}.num_latent={s['num_latent']} must be >= 1")
+        if s["prj_dim"] < 0:
+            out.append(f"{self.name}.prj_dim={s['prj_dim']} must be >= 0 (0: the model's width)")
+        if s["distill_factor"] < 0 or s["teacher_factor"] < 0:
+            out.append(f"{self.name}.distill_factor and teacher_factor must be >= 0")
+        if s["answers"] not in ANSWERS:
+            out.append(f"{self.name}.answers={s['answers']!r} must be one of {', '.join(ANSWERS)}")
+        if s["max_token_num"] < 1:
+            out.append(f"{self.name}.max_token_num={s['max_token_num']} must be >= 1")
+        return out
+
+    # -- text and batches ---------------------------------------------------------------------
+    def tokenize(self, records, tokenizer, source):
+        s = dict(self.settings)
+        return _data().tokenize(records, tokenizer, source, bool(s["include_last_cot"]), int(s["max_token_num"]),
+                                  s["answers"])
+
+    def training_records(self, examples) -> int:
+        ts = _data().TokenizedSet.from_examples(examples)
+        if not len(ts):
+            return 0
+        return int(np.sum(ts.tokens[ts.pieces[ts.records[:-1] + 3]] == 1))
+
+    def special_tokens(self, tok, vocab_size):
+        return _data().Tokens(vocab_size, tok.eos_token_id)
+
+    def add_rows(self, config, params, tok, pretrained_vocab):
+        """pad, bot and eot after the pretrained rows (a checkpoint that has them is unchanged),
+        drawn as transformers' resize draws them: the rows' mean plus noise of 1e-9 x their
+        covariance, from a fixed seed, so a LoRA base rebuilds bit-identical."""
+        rows = np.shape(params["wte"])[0]
+        if rows != pretrained_vocab:
+            return config, params
+        out = dict(params)
+        for name in ("wte", "lm_head"):
+            if name in params:
+                table = np.asarray(params[name], np.float32)
+                mean = table.mean(0)
+                g = np.random.default_rng(0xC0D1).standard_normal((table.shape[0], 3)).astype(np.float32)
+                noise = ((table - mean).T @ g).T * np.float32(np.sqrt(1e-9 / table.shape[0]))
+                out[name] = np.concatenate([table, mean[None] + noise])
+        return dataclasses.replace(config, vocab_size=rows + 3), out
+
+    def epoch_plan(self, examples, cur, tokens, stage, epoch, settings, shuffle=True, static_shapes=None):
+        return _data().Plan(examples, tokens, int(self.setting("num_latent")), settings, epoch, shuffle,
+                              static_shapes, exact_encoder=not self.setting("mask_pads"))
+
+    # -- the model's side ---------------------------------------------------------------------
+    def part_module(self, part, model_config):
+        from coconut_jax.methods.codi.forward import Projection
+        width = model_config.n_embd
+        return Projection(width, int(self.setting("prj_dim")) or width, bool(self.setting("prj_norm")))
+
+    def term_counts(self, arrays, *, prefix_len, n_latent, parts=None):
+        import jax.numpy as jnp
+
+        from coconut_jax import coconut
+        return {"student": coconut.label_count(arrays["dec_labels"]),
+                "teacher": coconut.label_count(arrays["ref_labels"]),
+                "distill": (jnp.sum(arrays["rows"]) > 0).astype(jnp.float32)}
+
+    def loss_terms(self, model, params, arrays, *, prefix_len, n_latent, dropout_key=None, loss_chunk=0,
+                   parts=None):
+        from coconut_jax.methods.codi import forward
+        prj, prj_params = parts["projection"]
+        return forward.loss_terms(model, params, prj, prj_params, arrays, n_latent=n_latent,
+                                  mask_pads=bool(self.setting("mask_pads")), dropout_key=dropout_key,
+                                  loss_chunk=loss_chunk)
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def max_new_tokens(self):
+        return 256  # the reference's test.py
+
+    def predict(self, model, params, parts, examples, records, stage, cur, tokens, tokenizer, *, batch_size,
+                max_new_tokens, multiple=32, row_multiple=1, context=None, overlong="error", put=None,
+                get=np.asarray, progress=lambda it, **kw: it):
+        """The reference's test: the file's questions in order, `batch_size` at a time, left-padded
+        (to the longest question of the batch, unless pads are masked: then to `multiple`), the
+        thoughts, eot, greedy decoding; the answer is the last number of the generated text."""
+        from coconut_jax import evaluate
+        from coconut_jax.data.curriculum import check_lengths
+        from coconut_jax.methods.codi import forward
+        codi_data = _data()
+        prj, prj_params = parts["projection"]
+        k, mask_pads = int(self.setting("num_latent")), bool(self.setting("mask_pads"))
+        ts = codi_data.TokenizedSet.from_examples(examples)
+        questions = [ts.piece(int(ts.records[i])) for i in range(len(ts))]
+        order = np.arange(len(ts))
+        if context is not None:
+            fits = check_lengths([len(q) + 1 + k + max_new_tokens for q in questions], order, context, overlong,
+                                 f"prompts with {k} thoughts plus max_new_tokens={max_new_tokens}")
+            order = order[fits]
+        size = evaluate.batch_rows(len(order), batch_size, row_multiple) if len(order) else 1
+        running = []
+        for s in range(0, len(order), size):
+            rows = order[s:s + size]
+            longest = max(len(questions[i]) for i in rows) + 1
+            width = codi_data.round_up(longest, multiple) if mask_pads else longest
+            ids = np.full((size, width), tokens.pad, np.int32)
+            mask = np.zeros((size, width), np.int32)
+            for r, i in enumerate(rows):
+                q = list(questions[i]) + [tokens.bot]
+                ids[r, width - len(q):], mask[r, width - len(q):] = q, 1
+            batch = codi_data.Batch({"enc_ids": ids, "enc_mask": mask}, rows, k, tokens.pad)
+            arrays = (put or (lambda b: b.arrays()))(batch)
+            running.append((rows, forward.generate(model, params, prj, prj_params, arrays["enc_ids"],
+                                                   arrays["enc_mask"], tokens.eot, tokens.eos, n_latent=k,
+                                                   max_new_tokens=max_new_tokens, mask_pads=mask_pads)))
+        preds = []
+        for rows, (toks, kept) in progress(running, desc="generate"):
+            toks, kept = get(toks), get(kept)
+            for r, i in enumerate(rows.tolist()):
+                out = [t for t in toks[r, :kept[r]].tolist() if t < tokens.vocab]
+                text = tokenizer.decode(out, skip_special_tokens=True)
+                answer, correct = score(text, records[i]["answer"], self.setting("answers"))
+                preds.append(evaluate.Prediction(i, text, answer, records[i]["answer"], correct, False, int(kept[r]), k))
+        return preds
+
+
+METHOD = Codi(
+    name="codi",
+    summary="a teacher reading the chain and a student thinking in projected continuous thoughts, "
+            "distilled at every layer (no curriculum)",
+    staged=False, loss=(("student", 1.0), ("teacher", 1.0), ("distill", 1.0)),
+    parts=(Part("projection", source="fresh", inference=True),), settings=SETTINGS, loss_per_batch=True,
+    format_key="codi:last=False:max=1000:answers=number")

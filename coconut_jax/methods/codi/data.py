@@ -1,0 +1,208 @@
+"""CODI's text and batches (no JAX): a record becomes a teacher sequence (question, written
+chain, answer) and a student's encoder (question + bot) and decoder (eot + answer) sequences.
+
+Text (the reference's train.py, as SPEC-CODI §1 reads it): the question with the tokenizer's
+own special tokens (Llama's bos); the teacher's chain the record's steps joined by spaces,
+without the last one unless `include_last_cot`; the answer text "The answer is: N" then eos,
+N the last space-separated word of the record's answer. Chain and answer carry no special
+token, each piece is cut at 256 tokens. A record trains only when N starts with a digit and
+question + steps + answer (raw strings back to back) tokenize to at most `max_token_num`
+tokens; evaluation asks every question.
+
+A record is four pieces of a `data.TokenizedSet`: question, chain, answer, and a verdict piece
+[kept (0/1), the answer's distilled token]: the index in the answer text of the token before
+the answer's first digit token (the ":" of GPT-2's "The answer is: 18", Llama's " " before
+"18"), where the reference distils.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from coconut_jax.data.batching import PlanSettings, round_up
+from coconut_jax.data.curriculum import check_lengths, epoch_order
+from coconut_jax.data.records import DataError
+from coconut_jax.data.tokens import TokenizedSet, _encode, _pack
+from coconut_jax.labels import IGNORE
+
+from coconut_jax.methods.codi import PHRASE
+PIECE_MAX = 256  # the reference tokenizes each piece with truncation at 256 tokens
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Tokens:
+    """The ids CODI adds after the pretrained vocabulary `V`: pad = V, bot = V+1, eot = V+2."""
+    vocab: int
+    eos: int
+
+    @property
+    def pad(self) -> int:
+        return self.vocab
+
+    @property
+    def bot(self) -> int:
+        return self.vocab + 1
+
+    @property
+    def eot(self) -> int:
+        return self.vocab + 2
+
+
+def teacher_chain(steps: list[str], include_last: bool) -> str:
+    return " ".join(steps if include_last else steps[:-1])
+
+
+def answer_text(answer: str, answers: str) -> str:
+    """What follows "The answer is: ": the answer's last word ("number", the reference's) or all of it."""
+    return (answer.split(" ")[-1] if answers == "number" else answer.strip()).replace("####", "")
+
+
+def digit_tokens(tok) -> np.ndarray:
+    """[len(tok)] bool: whether a token's text holds a digit."""
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return np.array([p is not None and re.search(r"[0-9]", p) is not None for p in pieces], bool)
+
+
+def tokenize(records, tok, source: str, include_last_cot: bool, max_token_num: int,
+             answers: str = "number") -> TokenizedSet:
+    """Records -> CODI's four pieces per record (module docstring). An answer whose text does
+    not start with the phrase's tokens, or (numbers) holds no digit token after it, is a
+    DataError naming the record (the reference stops in a debugger there). With "text"
+    answers every record trains (within `max_token_num`) and the distilled token is the
+    phrase's last."""
+    phrase = _encode(tok, [PHRASE], False)[0]
+    digits = digit_tokens(tok)
+    questions = _encode(tok, [r["question"] for r in records], True)
+    chains = _encode(tok, [teacher_chain(r["steps"], include_last_cot) for r in records], False)
+    words = [answer_text(r["answer"], answers) for r in records]
+    texts = _encode(tok, ["The answer is: " + w for w in words], False)
+    whole = _encode(tok, [r["question"] + " ".join(r["steps"]) + r["answer"] for r in records], True)
+    pieces = []
+    numeric = answers == "number"
+    for i, (q, c, a, w, n) in enumerate(zip(questions, chains, texts, words, whole)):
+        a = a[:PIECE_MAX]
+        where = f"{source}: record {i}"
+        if a[:len(phrase)] != phrase:
+            raise DataError(f"{where}: the answer text 'The answer is: {w}' does not start with the tokens of "
+                            f"{PHRASE!r}; its position cannot be placed")
+        kept = bool(w) and (w[0].isdigit() or not numeric) and len(n) <= max_token_num
+        after = ([j for j in range(len(phrase), len(a)) if a[j] < len(digits) and digits[a[j]]] if numeric
+                 else [len(phrase)])
+        if kept and not after:
+            raise DataError(f"{where}: no digit token after {PHRASE!r} in its answer text; the distilled token "
+                            f"cannot be placed")
+        pieces += [q[:PIECE_MAX], c[:PIECE_MAX], a + [tok.eos_token_id], [int(kept), (after[0] - 1) if after else 0]]
+    return TokenizedSet.from_parts([_pack(pieces)], [4] * len(records))
+
+
+@dataclasses.dataclass
+class Batch:
+    """One (host-local) CODI batch: the arrays the forward reads, and what the loop asks of a batch."""
+    data: dict
+    indices: np.ndarray
+    n_latent: int
+    pad: int
+    prefix_len: int = 0
+
+    def arrays(self) -> dict:
+        return self.data
+
+    def token_count(self) -> int:
+        """Real tokens through the model: the teacher's, the student's question, bot, thoughts
+        and decoder."""
+        d = self.data
+        rows = int(d["rows"].sum())
+        return int((d["ref_ids"] != self.pad).sum() + d["enc_mask"].sum() + (d["dec_ids"] != self.pad).sum()) \
+            + self.n_latent * rows
+
+    @property
+    def width(self) -> int:
+        return max(self.data["ref_ids"].shape[1], self.data["enc_ids"].shape[1] + self.n_latent
+                   + self.data["dec_ids"].shape[1])
+
+
+class Plan:
+    """An epoch's CODI batches (or the validation set's, unshuffled, the file's order), this
+    host's rows. Only records whose verdict is "kept" take part. Widths are bucketed to
+    `settings.multiple`, one per epoch with static shapes; except that, when pads are attended
+    as the reference attends them (`exact_encoder`), an evaluation batch's encoder is exactly as
+    wide as its longest question, as the reference's collator pads it."""
+
+    def __init__(self, examples, tokens: Tokens, n_latent: int, settings: PlanSettings, epoch: int,
+                 shuffle: bool = True, static_shapes: bool | None = None, exact_encoder: bool = False):
+        s = settings
+        if s.batch_size % s.num_hosts:
+            raise ValueError(f"global batch {s.batch_size} is not divisible by {s.num_hosts} hosts")
+        ts = self.ts = TokenizedSet.from_examples(examples)
+        self.tokens, self.n_latent, self.settings = tokens, n_latent, s
+        first = ts.records[:-1]
+        length = lambda j: ts.pieces[first + j + 1] - ts.pieces[first + j]  # noqa: E731
+        self.q_start, self.q_len = ts.pieces[first], length(0)
+        self.c_start, self.c_len = ts.pieces[first + 1], length(1)
+        self.a_start, self.a_len = ts.pieces[first + 2], length(2)
+        verdict = ts.tokens[ts.pieces[first + 3][:, None] + np.arange(2)] if len(ts) else np.zeros((0, 2), np.int32)
+        kept, self.distilled = verdict[:, 0] == 1, verdict[:, 1].astype(np.int64)
+        self.teacher_len = self.q_len + self.c_len + self.a_len
+        self.student_len = self.q_len + 1 + n_latent + 1 + self.a_len
+        if s.max_len is not None and len(ts):
+            kept &= check_lengths(np.maximum(self.teacher_len, self.student_len), np.arange(len(ts)), s.max_len,
+                                  s.overlong, "CODI sequences (teacher; student with its thoughts)")
+        order = epoch_order(len(ts), s.seed, epoch) if shuffle else np.arange(len(ts))
+        self._order = order[kept[order]]
+        static = s.static_shapes if static_shapes is None else static_shapes
+        self.exact_encoder = exact_encoder and not shuffle
+        self._fixed = None
+        if static and len(self._order):
+            o = self._order
+            self._fixed = tuple(int(x.max()) for x in (self.teacher_len[o], self.q_len[o] + 1, self.a_len[o] + 1))
+
+    def __len__(self) -> int:
+        return -(-len(self._order) // self.settings.batch_size)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self._order)
+
+    def batches(self, start: int = 0):
+        for k in range(start, len(self)):
+            yield self.batch(k)
+
+    def _piece(self, start, n, i) -> np.ndarray:
+        return self.ts.tokens[start[i]:start[i] + n[i]]
+
+    def batch(self, k: int) -> Batch:
+        s, t = self.settings, self.tokens
+        rows_all = self._order[k * s.batch_size:(k + 1) * s.batch_size]
+        share = s.batch_size // s.num_hosts
+        rows = rows_all[s.host * share:(s.host + 1) * share]
+        fixed = self._fixed or (0, 0, 0)
+        m = s.multiple
+        wt = round_up(max(int(self.teacher_len[rows_all].max(initial=1)), fixed[0]), m)
+        enc_longest = int((self.q_len[rows_all] + 1).max(initial=1))
+        we = enc_longest if self.exact_encoder else round_up(max(enc_longest, fixed[1]), m)
+        wd = round_up(max(int((self.a_len[rows_all] + 1).max(initial=1)), fixed[2]), m)
+        d = {"ref_ids": np.full((share, wt), t.pad, np.int32), "ref_labels": np.full((share, wt), IGNORE, np.int32),
+             "ref_pos": np.zeros(share, np.int32), "enc_ids": np.full((share, we), t.pad, np.int32),
+             "enc_mask": np.zeros((share, we), np.int32), "dec_ids": np.full((share, wd), t.pad, np.int32),
+             "dec_labels": np.full((share, wd), IGNORE, np.int32), "dec_pos": np.zeros(share, np.int32),
+             "rows": np.zeros(share, np.float32)}
+        for r, i in enumerate(rows.tolist()):
+            q = self._piece(self.q_start, self.q_len, i)
+            c = self._piece(self.c_start, self.c_len, i)
+            a = self._piece(self.a_start, self.a_len, i)
+            ref = np.concatenate([q, c, a])
+            d["ref_ids"][r, :len(ref)] = ref
+            d["ref_labels"][r, len(q):len(ref)] = ref[len(q):]
+            d["ref_pos"][r] = len(q) + len(c) + self.distilled[i]
+            d["enc_ids"][r, we - len(q) - 1:] = np.append(q, t.bot)
+            d["enc_mask"][r, we - len(q) - 1:] = 1
+            dec = np.append(t.eot, a)
+            d["dec_ids"][r, :len(dec)] = dec
+            d["dec_labels"][r, :len(dec)] = dec
+            d["dec_pos"][r] = 1 + self.distilled[i]
+            d["rows"][r] = 1.0
+        idx = np.full(share, -1, np.int64)
+        idx[:len(rows)] = rows
+        return Batch(d, idx, self.n_latent, t.pad)
