@@ -6,9 +6,10 @@ RUN_DIR is `save_path/name`. The step is the model of the run (`trained.model_st
 by accuracy within the last stage it reached, else its latest) unless `--step` names one or
 `--best-any-stage` asks for the best of every stage (what `load_model_path=RUN_DIR/checkpoints`
 hands off). The directory holds
-config.json, model.safetensors (LoRA merged), the tokenizer with the latent tokens and
-`coconut_jax.json` (the prompt settings `coconut_jax.generate` reads); `from_pretrained` loads
-it, and it is a valid `load_model_path` of ours. `--peft` writes `adapter_config.json` and
+config.json, model.safetensors (LoRA merged), the tokenizer with the latent tokens,
+`coconut_jax.json` (the prompt settings `coconut_jax.generate` reads) and, for a method that
+generates with a part of its own beside the model, `part_<name>.safetensors`;
+`from_pretrained` loads the model, and the directory is a valid `load_model_path` of ours. `--peft` writes `adapter_config.json` and
 `adapter_model.safetensors` instead (docs/lora.md). `--push-to-hub` uploads the directory
 with `huggingface_hub` (logged in with `hf auth login` or HF_TOKEN).
 """
@@ -39,6 +40,8 @@ def export(t: trained.Trained, out: str, peft: bool = False, overwrite: bool = F
             t.tok.save_pretrained(tmp)
         else:
             hf.write_hf(t.config, t.params, tmp, t.tok)
+        for name, params in t.parts.items():  # what the method generates with beside the model
+            hf.write_tree(params, os.path.join(tmp, trained.part_file(name)))
         with open(os.path.join(tmp, trained.SETTINGS_FILE), "w") as f:
             json.dump(t.settings, f, indent=1)
     return os.path.abspath(out)

@@ -24,41 +24,38 @@ import sys
 
 import jax
 
-from coconut_jax import checkpoint, config as config_lib, data, evaluate, latent_vocab, models, rundir, trained
-
-
-def exactly(method: str, thoughts: int) -> tuple[data.Curriculum, int]:
-    """(curriculum, stage) whose prompts carry exactly `thoughts` thoughts, whatever a record's
-    steps (one thought per stage, padded to the last)."""
-    return data.Curriculum(method, 1, thoughts, 1, True), thoughts
+from coconut_jax import checkpoint, config as config_lib, data, models, rundir, trained
 
 
 def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculum, int, bool]:
     """(curriculum, stage, whether the thought count is fixed) of the prompts: the run's at
-    its step's stage, or exactly `thoughts` thoughts (one per stage step, padded)."""
+    its step's stage, or exactly `thoughts` thoughts (`Method.with_thoughts`)."""
     cur = trained.curriculum(settings)
     if thoughts is None:
         return cur, settings["stage"], False
-    if not cur.markers:
-        raise trained.TrainedError(f"--thoughts: method {cur.method!r} puts no thoughts in its prompts")
-    return (*exactly(cur.method, thoughts), True)
+    try:
+        return (*cur.spec.with_thoughts(cur, thoughts), True)
+    except ValueError as e:
+        raise trained.TrainedError(f"--thoughts: {e}") from None
 
 
 def questions(args, tok, cur: data.Curriculum, stage: int, fixed: bool):
     """(the records asked, their examples, and the curriculum and stage of their prompts)."""
+    spec = cur.spec
     if args.question is not None:
+        record = {"question": args.question, "steps": [], "answer": ""}
+        if spec.format_key:  # the method's own text format
+            return [record], spec.tokenize([record], tok, "--question"), cur, stage
         if not fixed and cur.markers:
             # No written steps to count: as many thoughts as a question with steps enough gets.
-            cur, stage = exactly(cur.method, cur.eval_latents(cur.max_latent_stage, stage))
-        record = {"question": args.question, "steps": [], "answer": ""}
+            cur, stage = spec.with_thoughts(cur, cur.eval_latents(cur.max_latent_stage, stage))
         return [record], [data.question_example(args.question, tok)], cur, stage
     records = data.load_records(args.input)
-    return records, data.tokenize_records(records, tok, args.input), cur, stage
+    return records, spec.tokenize(records, tok, args.input), cur, stage
 
 
-def thought_tokens(model, params, prompt, tokens, tok, top_k: int) -> list[list[tuple[str, float]]]:
+def thought_tokens(model, params, states, tok, top_k: int) -> list[list[tuple[str, float]]]:
     from coconut_jax import analysis
-    states = analysis.thoughts(model, params, prompt, tokens)
     return analysis.decode_thoughts(model, params, states, tok, top_k) if len(states) else []
 
 
@@ -70,25 +67,27 @@ def ask(t: trained.Trained, records: list[dict], examples, cur: data.Curriculum,
     g = t.settings
     max_new_tokens = g["max_new_tokens"] if max_new_tokens is None else max_new_tokens
     batch_size = batch_size or config_lib.eval_rows(g["eval_batch_size"], jax.default_backend())
-    tokens = latent_vocab.latent_tokens(t.tok)
+    spec = cur.spec
+    tokens = spec.special_tokens(t.tok, g.get("pretrained_vocab", t.config.vocab_size))
     model = models.build(t.config)
+    parts = t.part_args()
     context = model.config.n_positions
-    for r, ex in enumerate(examples if g["overlong"] == "error" else ()):  # "skip" leaves them out, as the run did
+    coconut_prompts = not spec.format_key
+    for r, ex in enumerate(examples if coconut_prompts and g["overlong"] == "error" else ()):  # "skip": left out
         n = len(data.eval_prompt(ex, stage, cur, tokens))
         if n + max_new_tokens - 1 > context:
             raise trained.TrainedError(f"question {r}: its prompt of {n} tokens and --max-new-tokens={max_new_tokens} "
                                        f"do not fit the model's context of {context} tokens")
-    preds = evaluate.generate_predictions(model, t.params, examples, records, stage, cur, tokens, t.tok,
-                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                          multiple=g["eval_pad_to_multiple"], context=context,
-                                          overlong=g["overlong"])
+    preds = spec.predict(model, t.params, parts, examples, records, stage, cur, tokens, t.tok,
+                         batch_size=batch_size, max_new_tokens=max_new_tokens, multiple=g["eval_pad_to_multiple"],
+                         context=context, overlong=g["overlong"])
     out = [p.to_json() for p in preds]
     if show_thoughts and cur.feedback:
-        by_index = {ex.idx: ex for ex in examples}
+        by_index = {i: ex for i, ex in enumerate(examples)}
         for line in out:
-            prompt = data.eval_prompt(by_index[line["index"]], stage, cur, tokens)
+            states = spec.thought_states(model, t.params, parts, by_index[line["index"]], stage, cur, tokens)
             line["thought_tokens"] = [[[s, round(float(p), 4)] for s, p in top]
-                                for top in thought_tokens(model, t.params, prompt, tokens, t.tok, show_thoughts)]
+                                      for top in thought_tokens(model, t.params, states, t.tok, show_thoughts)]
     return out
 
 

@@ -346,6 +346,28 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
         raise
 
 
+def write_tree(tree: dict, path: str) -> None:
+    """A nested dict of arrays as one safetensors file (keys joined with ".")."""
+    from safetensors.numpy import save_file
+
+    def flat(t, prefix=""):
+        for k, v in t.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, np.ascontiguousarray(v))]
+    save_file(dict(flat(tree)), path)
+
+
+def read_tree(path: str) -> dict:
+    """`write_tree`'s file back as a nested dict of NumPy arrays."""
+    out: dict = {}
+    for key, value in read_safetensors(path).items():
+        node = out
+        *parents, leaf = key.split(".")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = np.asarray(value)
+    return out
+
+
 def write_hf(config, params: Params, out_dir: str, tokenizer=None) -> None:
     """The model files (config.json, safetensors, and the tokenizer's) into an existing directory."""
     from safetensors.numpy import save_file

@@ -50,6 +50,21 @@ class Trained:
     lora_model: object = None  # a LoRA run's model (None otherwise) ...
     lora_params: dict | None = None  # ... and its params with the adapters unmerged
     base: dict | None = None  # a LoRA run's base record (rundir.base_record)
+    parts: dict = dataclasses.field(default_factory=dict)  # {name: host params} of the parts generation needs
+
+    @property
+    def method(self):
+        """The method record, with the run's own settings."""
+        return curriculum(self.settings).spec
+
+    def tokens(self):
+        """The ids the method's prompts use (`Method.special_tokens`)."""
+        return self.method.special_tokens(self.tok, self.settings.get("pretrained_vocab", self.config.vocab_size))
+
+    def part_args(self) -> dict:
+        """{name: (module, params)} of the parts generation needs, as `Method.predict` takes them."""
+        spec = self.method
+        return {p.name: (spec.part_module(p, self.config), self.parts[p.name]) for p in spec.parts if p.inference}
 
 
 def run_config(run_dir: str):
@@ -64,7 +79,7 @@ def run_config(run_dir: str):
             raise TrainedError(f"{path}: unreadable run record ({e})") from None
     c = config_lib.base_config()
     for k, v in ident.items():
-        if k in ("prepare", "lora"):
+        if k in c and hasattr(c[k], "update"):  # prepare, lora, a method's own settings block
             c[k].update(v)
         elif k in c and k != "only_eval":
             c[k] = tuple(v) if isinstance(v, list) else v
@@ -83,19 +98,28 @@ def trained_stage(c, meta: dict) -> int:
 
 
 def curriculum(settings: dict):
-    """The curriculum of a step's prompt settings (PROMPT_FIELDS)."""
+    """The curriculum of a step's prompt settings (PROMPT_FIELDS, and the method's own block)."""
     from coconut_jax import data
-    return data.Curriculum(settings["method"], settings["c_thought"], settings["max_latent_stage"],
-                           settings["epochs_per_stage"], settings["pad_latent_to_max"])
+    return data.Curriculum.from_config(settings)
 
 
 def describe_stage(settings: dict) -> str:
     """"stage 5 (6 thoughts)": the step's stage and the thoughts its prompts carry."""
     stage, cur = settings["stage"], curriculum(settings)
-    if not cur.markers:
+    k, exact = cur.spec.eval_thoughts(cur, stage)
+    if not k:
         return f"stage {stage} (no thoughts)"
-    k = cur.eval_latents(cur.max_latent_stage, stage)
-    return f"stage {stage} ({'' if cur.pad_latent_to_max else 'up to '}{k} thought{'s' if k != 1 else ''})"
+    return f"stage {stage} ({'' if exact else 'up to '}{k} thought{'s' if k != 1 else ''})"
+
+
+def prompt_settings(c) -> dict:
+    """What a run's prompts depend on (PROMPT_FIELDS, the method's own settings block, the
+    pretrained vocabulary its added ids follow)."""
+    from coconut_jax import hf
+    out = {f: c[f] for f in PROMPT_FIELDS}
+    if methods.get(c.method).settings:
+        out[c.method] = c[c.method].to_dict()
+    return out | {"pretrained_vocab": hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size}
 
 
 def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> rundir.Source:
@@ -148,9 +172,11 @@ def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False
     # The step records how its run's evaluation generated; a step saved before it did so gets
     # what run.json gives (the defaults of the fields it does not record).
     generation = meta.get("generation") or evaluate.generation_settings(c)
-    settings = {f: c[f] for f in PROMPT_FIELDS} | {"stage": trained_stage(c, meta)} | generation
+    settings = prompt_settings(c) | {"stage": trained_stage(c, meta)} | generation
+    needed = [p.name for p in config_lib.method_of(c).parts if p.inference]
+    parts = checkpoint.load_params(source.path, source.step, item="parts") if needed else {}
     return Trained(source.describe(), config, params, tok, settings, c.model_id, lora_model, lora_params,
-                   meta.get("base"))
+                   meta.get("base"), {name: parts[name] for name in needed})
 
 
 def from_hf(model_dir: str) -> Trained:
@@ -163,7 +189,20 @@ def from_hf(model_dir: str) -> Trained:
     if os.path.isfile(path):
         with open(path) as f:
             settings.update(json.load(f))
-    return Trained(model_dir, config, params, tok, settings, model_dir)
+    t = Trained(model_dir, config, params, tok, settings, model_dir)
+    for part in t.method.parts:
+        if part.inference:
+            file = os.path.join(model_dir, part_file(part.name))
+            if not os.path.isfile(file):
+                raise TrainedError(f"{model_dir}: no {part_file(part.name)}, which method {t.method.name!r} "
+                                   f"generates with")
+            t.parts[part.name] = hf.read_tree(file)
+    return t
+
+
+def part_file(name: str) -> str:
+    """Where an export keeps a part generation needs, beside the model."""
+    return f"part_{name}.safetensors"
 
 
 def open_trained(path: str, step: int | None = None, best_any_stage: bool = False) -> Trained:

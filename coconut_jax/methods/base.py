@@ -128,6 +128,28 @@ class Method:
         """The module of a "fresh" part (`param_shapes`, `logical_axes`, `init(seed)`, hashable)."""
         raise ValueError(f"method {self.name!r}: part {part.name!r} has no module to build")
 
+    def eval_thoughts(self, cur, stage: int) -> tuple[int, bool]:
+        """(the thoughts an evaluation prompt at `stage` carries at most, whether every prompt
+        carries exactly that many): the stage's, with latent tokens; none otherwise."""
+        if not self.latent_tokens:
+            return 0, True
+        return cur.eval_latents(cur.max_latent_stage, stage), cur.pad_latent_to_max
+
+    def with_thoughts(self, cur, thoughts: int):
+        """(curriculum, stage) whose prompts carry exactly `thoughts` thoughts, whatever a
+        record's steps (one thought per stage, padded to the last); ValueError for a method
+        whose prompts hold none."""
+        if not self.latent_tokens:
+            raise ValueError(f"method {self.name!r} puts no thoughts in its prompts")
+        return dataclasses.replace(cur, c_thought=1, max_latent_stage=thoughts, epochs_per_stage=1,
+                                   pad_latent_to_max=True), thoughts
+
+    def thought_states(self, model, params, parts, example, stage: int, cur, tokens):
+        """[thoughts, E]: the hidden states a question's thoughts are made from, to read through
+        the LM head (`generate --show-thoughts`): Coconut's fed-back states."""
+        from coconut_jax import analysis, data
+        return analysis.thoughts(model, params, data.eval_prompt(example, stage, cur, tokens), tokens)
+
     def max_new_tokens(self) -> int | None:
         """The method's own default generation length (None: the reference Coconut's rule)."""
         return None

@@ -154,6 +154,24 @@ class Codi(Method):
     def max_new_tokens(self):
         return 256  # the reference's test.py
 
+    def eval_thoughts(self, cur, stage):
+        return int(self.setting("num_latent")), True
+
+    def with_thoughts(self, cur, thoughts):
+        if thoughts < 1:
+            raise ValueError(f"method {self.name!r} needs at least 1 thought")
+        settings = dict(cur.settings) | {"num_latent": thoughts}
+        return dataclasses.replace(cur, settings=tuple(sorted(settings.items()))), 0
+
+    def thought_states(self, model, params, parts, example, stage, cur, tokens):
+        """The final hidden state each thought is projected from (at bot, then at each thought
+        but the last): what the LM head reads them as."""
+        from coconut_jax.methods.codi import forward
+        prj, prj_params = parts["projection"]
+        ids = np.array([list(example.question) + [tokens.bot]], np.int32)
+        return np.asarray(forward.thought_states(model, params, prj, prj_params, ids, np.ones_like(ids),
+                                                 n_latent=int(self.setting("num_latent"))), np.float32)[0]
+
     def predict(self, model, params, parts, examples, records, stage, cur, tokens, tokenizer, *, batch_size,
                 max_new_tokens, multiple=32, row_multiple=1, context=None, overlong="error", put=None,
                 get=np.asarray, progress=lambda it, **kw: it):
@@ -204,6 +222,6 @@ METHOD = Codi(
     name="codi",
     summary="a teacher reading the chain and a student thinking in projected continuous thoughts, "
             "distilled at every layer (no curriculum)",
-    staged=False, loss=(("student", 1.0), ("teacher", 1.0), ("distill", 1.0)),
+    feedback=True, staged=False, loss=(("student", 1.0), ("teacher", 1.0), ("distill", 1.0)),
     parts=(Part("projection", source="fresh", inference=True),), settings=SETTINGS, loss_per_batch=True,
     format_key="codi:last=False:max=1000:answers=number")

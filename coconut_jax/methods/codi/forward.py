@@ -89,8 +89,8 @@ def _write(cache, kv, slot):
 
 def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mask_pads: bool, keys=None):
     """The student's question + bot and its `n_latent` thought passes: (the past segments a
-    decoder attends to, each row's next position, [B] int32). `keys`: dropout keys (encoder,
-    thoughts) or None."""
+    decoder attends to, each row's next position [B] int32, the final hidden states the
+    thoughts were projected from [K,B,E]). `keys`: dropout keys (encoder, thoughts) or None."""
     b, we = enc_ids.shape
     k_enc, k_mid = (None, None) if keys is None else keys
     if mask_pads:
@@ -106,15 +106,15 @@ def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mas
     kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:3] + (n_latent,) + a.shape[4:], a.dtype), kv_enc)
 
     def thought_pass(carry, k):
-        kv_mid, h = carry
-        z = prj(prj_params, h)[:, None]
+        kv_mid, h_prev = carry
+        z = prj(prj_params, h_prev)[:, None]
         filled = jnp.broadcast_to(jnp.arange(n_latent) < k, (b, n_latent))
         key = None if k_mid is None else jax.random.fold_in(k_mid, k)
         h, kv = model.body(params, z, (start + k)[:, None], jnp.ones((b, 1), bool), past + [_segment(kv_mid, filled)],
                            key)
-        return (_write(kv_mid, kv, k), h[:, 0]), None
-    (kv_mid, _), _ = jax.lax.scan(thought_pass, (kv_mid, h_enc[:, -1]), jnp.arange(n_latent))
-    return past + [_segment(kv_mid, jnp.ones((b, n_latent), bool))], start + n_latent
+        return (_write(kv_mid, kv, k), h[:, 0]), h_prev
+    (kv_mid, _), sources = jax.lax.scan(thought_pass, (kv_mid, h_enc[:, -1]), jnp.arange(n_latent))
+    return past + [_segment(kv_mid, jnp.ones((b, n_latent), bool))], start + n_latent, sources
 
 
 def _smooth_l1(x):
@@ -148,8 +148,8 @@ def loss_terms(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pa
     h_t, _, taps_t = model.body(params, model.embed(params, ref), jnp.broadcast_to(jnp.arange(wt), (b, wt)),
                                 jnp.ones((b, wt), bool), dropout_key=keys[0], taps=arrays["ref_pos"])
     teacher = hidden_nll(model, params, h_t, arrays["ref_labels"], loss_chunk)
-    past, start = encode(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"], n_latent, mask_pads,
-                         None if dropout_key is None else keys[1:3])
+    past, start, _ = encode(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"], n_latent,
+                            mask_pads, None if dropout_key is None else keys[1:3])
     dec = arrays["dec_ids"]
     wd = dec.shape[1]
     h_s, _, taps_s = model.body(params, model.embed(params, dec), start[:, None] + jnp.arange(wd)[None],
@@ -167,7 +167,7 @@ def generate(model, params, prj, prj_params, enc_ids, enc_mask, eot, eos, *, n_l
     model = model if model.scan_layers else model.replace(scan_layers=True)
     params = model.stack_layers(params)
     b = enc_ids.shape[0]
-    past, start = encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent, mask_pads)
+    past, start, _ = encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent, mask_pads)
     cache = {n: jnp.concatenate([seg[n] for seg in past], axis=3) for n in ("k", "v")}
     width = cache["k"].shape[3]
     cache = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0))), cache)
@@ -200,3 +200,11 @@ def generate(model, params, prj, prj_params, enc_ids, enc_mask, eot, eos, *, n_l
 
     _, _, _, _, tokens, _, kept = jax.lax.while_loop(cond, body, state)
     return tokens, kept
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prj", "n_latent"))
+def thought_states(model, params, prj, prj_params, enc_ids, enc_mask, *, n_latent: int):
+    """[B, K, E]: the final hidden state each thought is projected from (at bot, then at each
+    thought but the last)."""
+    _, _, sources = encode(model, model.stack_layers(params), prj, prj_params, enc_ids, enc_mask, n_latent, False)
+    return jnp.swapaxes(sources, 0, 1)
