@@ -20,14 +20,14 @@ import json
 import os
 import sys
 
-from coconut_jax import checkpoint, hf, peft_format, rundir, trained
+from coconut_jax import checkpoint, hf, peft_format, rundir, trained, weights
 
 
 def peft_base(t: trained.Trained) -> str:
     """What a PEFT export's adapters load onto: `model_id`, or the weights the run started
     from when it was handed them (`load_model_path`), which must be exported themselves."""
     source = (t.base or {}).get("source", {})
-    return t.model_id if source.get("kind") == "model" else rundir.Source(**source).describe()
+    return t.model_id if source.get("kind") == "model" else weights.Source(**source).describe()
 
 
 def export(t: trained.Trained, out: str, peft: bool = False, overwrite: bool = False) -> str:
@@ -41,7 +41,7 @@ def export(t: trained.Trained, out: str, peft: bool = False, overwrite: bool = F
         else:
             hf.write_hf(t.config, t.params, tmp, t.tok)
         for name, params in t.parts.items():  # what the method generates with beside the model
-            hf.write_tree(params, os.path.join(tmp, trained.part_file(name)))
+            hf.write_tree(params, os.path.join(tmp, weights.part_file(name)))
         with open(os.path.join(tmp, trained.SETTINGS_FILE), "w") as f:
             json.dump(t.settings, f, indent=1)
     return os.path.abspath(out)

@@ -24,7 +24,6 @@ from coconut_jax import models
 from coconut_jax.latent_vocab import END_LATENT, LATENT, START_LATENT
 from coconut_jax.models.common import EMBEDDING, HEAD, Params, get_path, set_path
 
-REFERENCE_PREFIX = "base_causallm."
 SAFETENSORS, SAFETENSORS_INDEX, TORCH_BIN = "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"
 
 
@@ -289,30 +288,6 @@ def load_tokenizer(model_id: str):
         if t not in vocab:
             tok.add_tokens(t)
     return tok
-
-
-# -- reference (PyTorch) checkpoints -------------------------------------------------------
-
-def import_reference_checkpoint(path: str, config) -> tuple[Params, str | None]:
-    """A `torch.save`d state dict of the reference implementation -> (params, "coconut" or None).
-
-    Keys are the HF model's own names (`transformer.h.0...` for GPT-2, `model.layers.0...`
-    for Llama/Qwen, `lm_head.weight`) or, for Coconut checkpoints, the same prefixed by
-    `base_causallm.` (then the method returned is "coconut"). The vocabulary size is taken
-    from the checkpoint (for GPT-2 50257 for CoT runs, 50260 for Coconut runs).
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    sd = torch_load(path)
-    method = "coconut" if any(k.startswith(REFERENCE_PREFIX) for k in sd) else None
-    if method:
-        sd = {k[len(REFERENCE_PREFIX):]: v for k, v in sd.items() if k.startswith(REFERENCE_PREFIX)}
-    names = naming(config)
-    embedding = next(t.name for t in names.tensors if t.path == (EMBEDDING,))
-    wte = sd.get(names.prefix + embedding, sd.get(embedding))
-    if wte is None:
-        raise CheckpointError(f"{path}: missing tensor(s): {names.prefix + embedding}")
-    return state_dict_to_params(sd, dataclasses.replace(config, vocab_size=wte.shape[0]), path), method
 
 
 # -- writing ---------------------------------------------------------------------------------

@@ -87,3 +87,33 @@ def write(model, params, out_dir: str, base_model: str) -> None:
     save_file(state_dict(model, params), os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(adapter_config(model, params, base_model), f, indent=2)
+
+
+# -- reading a whole PEFT model's state dict (a reference implementation's saved module) --------
+
+def has_adapters(sd: dict) -> bool:
+    """Whether a state dict holds PEFT's LoRA adapters (`...lora_A[.default].weight`)."""
+    return any(".lora_A." in k for k in sd)
+
+
+def merge_state_dict(sd: dict, alpha: float, family) -> dict[str, np.ndarray]:
+    """A PEFT-wrapped model's full state dict (`base_model.model.*`, the adapted layers'
+    weights under `.base_layer.`, adapters `.lora_A[.<adapter>].weight` [r, in] and
+    `.lora_B[...].weight` [out, r]) -> the plain model's state dict, every adapter folded into
+    its weight at scale alpha / r (in a Conv1D family's [in, out] orientation, PEFT's
+    `fan_in_fan_out`). `family`: the model class (its HF names tell the orientation)."""
+    conv1d = any(split == 0 for path, split in family.hf_names.layer.values() if path[-1] == "kernel")
+    plain = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in sd.items()}
+    out, adapters = {}, {}
+    for k, v in plain.items():
+        if ".lora_A." in k or ".lora_B." in k:
+            module, which = k.split(".lora_A." if ".lora_A." in k else ".lora_B.")[0], "A" if ".lora_A." in k else "B"
+            adapters.setdefault(module, {})[which] = np.asarray(v, np.float32)
+        else:
+            out[k.replace(".base_layer.", ".")] = v
+    for module, ab in adapters.items():
+        a, b = ab["A"], ab["B"]
+        delta = (alpha / a.shape[0]) * (b @ a)  # [out, in]
+        weight = np.asarray(out[f"{module}.weight"], np.float32)
+        out[f"{module}.weight"] = weight + (delta.T if conv1d else delta)
+    return out

@@ -79,7 +79,7 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
     from coconut_jax.run import build_model, trains
     spec = cur.spec
     model = build_model(c, config, _lora_tokens(spec, config))
-    # A part's source is model_id's pretrained model (rundir.load_part_weights): its config.
+    # A part's source is model_id's pretrained model (weights.part_weights): its config.
     part_models = tuple((p.name, build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
     tx = optimizer.make_optimizer(c)
     layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models,

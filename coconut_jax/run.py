@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, models, optimizer, rundir,
-                         sharding, steps)
+                         sharding, steps, weights)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
@@ -59,7 +59,7 @@ class Run:
     tokens: latent_vocab.LatentTokens
     model: object
     state: steps.TrainState
-    base: dict | None           # a LoRA run's base record (rundir.base_record); None otherwise
+    base: dict | None           # a LoRA run's base record (weights.base_record); None otherwise
     val_records: list
     val_examples: data.TokenizedSet
     train_examples: data.TokenizedSet | list
@@ -146,14 +146,15 @@ def build_run(ctx: RunContext) -> Run:
     spec = cur.spec
     tok = hf.load_tokenizer(c.model_id)
     tokens = spec.special_tokens(tok, hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size)
-    own = rundir.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
-    source = rundir.Source("resume", ctx.ckpt.dir, own) if own is not None else rundir.weight_source(c.load_model_path)
-    config, params, base = _weights(c, source, tok)
+    own = weights.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
+    source = weights.Source("resume", ctx.ckpt.dir, own) if own is not None else weights.source_of(c.load_model_path)
+    w = weights.start(c, source, tok)
+    config, params, base = w.config, w.params, w.base
     # An evaluation alone trains nothing: no adapters (a hand-off from a LoRA run arrives merged).
     model = build_model(c, config, spec.lora_tokens(tokens), lora=not c.only_eval)
     if model.lora is not None:
         params = lora_lib.attach(model, params, c.seed)
-    parts = build_parts(c, spec, model, rundir.load_part_weights(source, c.method, c.model_id))
+    parts = build_parts(c, spec, model, w.parts)
     val_records, val_examples = data.load_dataset(
         c.val_path, tok, 32 if c.debug else (c.max_val_examples or None), c.cache_dir, tfds_data_dir=c.tfds_data_dir,
         text_format=spec)
@@ -196,22 +197,6 @@ def build_parts(c, spec, model, stored: dict) -> dict:
         else:
             out[part.name] = (build_model(c, config_or_none, lora=False), params)
     return out
-
-
-def _weights(c, source, tok):
-    """(model config, host params, LoRA base record or None) a run starts from. Under LoRA the
-    params are the frozen base, which a resume rebuilds from the source its checkpoint
-    records (and checks against the digest recorded with it)."""
-    if not c.lora.rank or c.only_eval:
-        return (*rundir.load_weights(source, c.model_id, c.method, tok), None)
-    base_source, recorded = source, None
-    if source.kind == "resume":
-        base_source, recorded = rundir.recorded_base(source)
-    config, params = rundir.load_weights(base_source, c.model_id, c.method, tok)
-    digest = lora_lib.digest(params)
-    if recorded is not None:
-        rundir.check_base(digest, recorded, source, base_source)
-    return config, params, rundir.base_record(base_source, c.model_id, digest)
 
 
 def resume(run: Run) -> None:

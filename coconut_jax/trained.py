@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, config as config_lib, evaluate, hf, methods, rundir
+from coconut_jax import checkpoint, config as config_lib, evaluate, hf, methods, rundir, weights
 from coconut_jax.models import lora as lora_lib
 
 SETTINGS_FILE = "coconut_jax.json"
@@ -49,7 +49,7 @@ class Trained:
     model_id: str            # the run's model_id (what a PEFT export's base is)
     lora_model: object = None  # a LoRA run's model (None otherwise) ...
     lora_params: dict | None = None  # ... and its params with the adapters unmerged
-    base: dict | None = None  # a LoRA run's base record (rundir.base_record)
+    base: dict | None = None  # a LoRA run's base record (weights.base_record)
     parts: dict = dataclasses.field(default_factory=dict)  # {name: host params} of the parts generation needs
 
     @property
@@ -122,12 +122,12 @@ def prompt_settings(c) -> dict:
     return out | {"pretrained_vocab": hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size}
 
 
-def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> rundir.Source:
+def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> weights.Source:
     """The model of a run (this module's docstring): the best step by accuracy within the last
     stage its checkpoints reached, else its latest; with `best_any_stage`, the step a hand-off
     takes (`best.json`: the best of every stage)."""
     if best_any_stage:
-        return rundir.weight_source(ckpt_dir)
+        return weights.source_of(ckpt_dir)
     found = []
     for step in checkpoint.steps(ckpt_dir):
         try:
@@ -141,11 +141,11 @@ def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> rundir.Source:
     scored = [(acc, -step) for stage, step, acc in found if stage == last and acc is not None]
     if scored:
         acc, step = max(scored)  # the earliest of equals, as best.json names them
-        return rundir.Source("ours", ckpt_dir, -step, f"best by accuracy ({acc:.4f}) in the last stage reached")
-    return rundir.Source("ours", ckpt_dir, max(step for _, step, _ in found), "latest; no accuracy recorded")
+        return weights.Source("ours", ckpt_dir, -step, f"best by accuracy ({acc:.4f}) in the last stage reached")
+    return weights.Source("ours", ckpt_dir, max(step for _, step, _ in found), "latest; no accuracy recorded")
 
 
-def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) -> rundir.Source:
+def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) -> weights.Source:
     if step is not None and best_any_stage:
         raise TrainedError("--step and --best-any-stage both choose the step; give one")
     if step is None:
@@ -153,7 +153,7 @@ def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) 
     have = checkpoint.steps(ckpt_dir)
     if step not in have:
         raise TrainedError(f"{ckpt_dir}: no step {step} (steps: {', '.join(map(str, have)) or 'none'})")
-    return rundir.Source("ours", ckpt_dir, step, "the step named")
+    return weights.Source("ours", ckpt_dir, step, "the step named")
 
 
 def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False) -> Trained:
@@ -164,7 +164,7 @@ def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False
     source = pick_step(ckpt_dir, c, step, best_any_stage)
     tok = hf.load_tokenizer(c.model_id)
     # Read once (a LoRA run's base is loaded and digested once), merged here when it has adapters.
-    config, params, lora_model = rundir.checkpoint_params(source, c.model_id, tok, merge=False)
+    config, params, lora_model = weights.checkpoint_params(source, c.model_id, tok, merge=False)
     lora_params = None
     if lora_model is not None:
         lora_params, params = params, lora_lib.merged(lora_model, params)
@@ -192,17 +192,12 @@ def from_hf(model_dir: str) -> Trained:
     t = Trained(model_dir, config, params, tok, settings, model_dir)
     for part in t.method.parts:
         if part.inference:
-            file = os.path.join(model_dir, part_file(part.name))
+            file = os.path.join(model_dir, weights.part_file(part.name))
             if not os.path.isfile(file):
-                raise TrainedError(f"{model_dir}: no {part_file(part.name)}, which method {t.method.name!r} "
+                raise TrainedError(f"{model_dir}: no {weights.part_file(part.name)}, which method {t.method.name!r} "
                                    f"generates with")
             t.parts[part.name] = hf.read_tree(file)
     return t
-
-
-def part_file(name: str) -> str:
-    """Where an export keeps a part generation needs, beside the model."""
-    return f"part_{name}.safetensors"
 
 
 def open_trained(path: str, step: int | None = None, best_any_stage: bool = False) -> Trained:

@@ -228,3 +228,8 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def config_and_params(w):
+    """(config, params) of a `weights.load` result."""
+    return w.config, w.params

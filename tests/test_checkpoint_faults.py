@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, files, hf, metrics, rundir, optimizer, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, metrics, rundir, optimizer, sharding, steps, weights
 from coconut_jax.models.gpt2 import GPT2Model
 from tests.conftest import ROOT, assert_first_epochs_match, cli_command, run_cli, stored_params
 
@@ -166,25 +166,25 @@ def test_hand_off_from_a_damaged_best_step_is_one_line(saved, tiny_dir, tmp_path
     DAMAGE["sharding file"](os.path.join(d, "8"))
     tok = hf.load_tokenizer(tiny_dir)
     for path in (d, os.path.join(d, "8")):  # the best step by best.json, and the step named
-        source = rundir.weight_source(path)
+        source = weights.source_of(path)
         assert source.step == 8
         with pytest.raises(rundir.RunDirError) as e:
-            rundir.load_weights(source, tiny_dir, "coconut", tok)
+            weights.load(source, tiny_dir, "coconut", tok)
         assert f"load_model_path={d}/8" in str(e.value) and "damaged checkpoint" in str(e.value)
         assert "\n" not in str(e.value)
     DAMAGE["meta (JSON)"](os.path.join(d, "4"))
     with pytest.raises(rundir.RunDirError, match=r"load_model_path=.*/4 \(the step named\): damaged checkpoint \(meta"):
-        rundir.load_weights(rundir.weight_source(os.path.join(d, "4")), tiny_dir, "coconut", tok)
+        weights.load(weights.source_of(os.path.join(d, "4")), tiny_dir, "coconut", tok)
 
 
 def test_hand_off_never_takes_another_step_than_best_json_names(saved, tmp_path):
     d = _copy(saved, tmp_path)
     shutil.rmtree(os.path.join(d, "8"))
     with pytest.raises(rundir.RunDirError, match=r"best.json names step 8, which is not there; name a step \(one of \[4\]\)"):
-        rundir.weight_source(d)
+        weights.source_of(d)
     os.rename(os.path.join(d, "4"), os.path.join(d, "4.damaged"))
     with pytest.raises(rundir.RunDirError, match="a damaged checkpoint, moved aside"):
-        rundir.weight_source(os.path.join(d, "4.damaged"))
+        weights.source_of(os.path.join(d, "4.damaged"))
 
 
 # -- writes that fail leave the last good state ----------------------------------------------------

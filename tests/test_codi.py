@@ -315,3 +315,74 @@ def test_greedy_answers_follow_the_thoughts(family_dir):
     text = tok.decode([t for t in np.asarray(toks)[0, :int(kept[0])].tolist() if t < tokens.vocab],
                       skip_special_tokens=True)
     assert preds[2].text == text and preds[2].new_tokens == int(kept[0])
+
+
+# -- the reference's saved checkpoints ----------------------------------------------------------------
+
+def reference_checkpoint(model_dir, out, family, fmt="bin", seed=7):
+    """A state dict in the reference's layout, written as its training saves it: the CODI module
+    (`codi` the PEFT-wrapped model, resized to V + 3 by transformers, `prj` the projection) from
+    a tiny model, with non-zero LoRA B. Returns (its directory, the PEFT model, the torch projection)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    base.resize_token_embeddings(base.config.vocab_size + 3)
+    targets = ["c_attn", "c_proj", "c_fc"] if family == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                     "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, lora_dropout=0.1, target_modules=targets,
+                                                 init_lora_weights=True, fan_in_fan_out=family == "gpt2"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+
+    class Codi(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            d = base.config.hidden_size
+            self.codi = peft_model
+            self.prj = torch.nn.Sequential(torch.nn.Dropout(0.0), torch.nn.Linear(d, d), torch.nn.GELU(),
+                                           torch.nn.Linear(d, d))
+            self.prj.add_module("ln", torch.nn.LayerNorm(d))
+    module = Codi()
+    out.mkdir()
+    sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    if fmt == "bin":
+        torch.save(sd, out / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+        sd.pop("codi.base_model.model.lm_head.weight", None)  # tied: stored once, as Trainer's safetensors do
+        save_file(sd, str(out / "model.safetensors"))
+    return out, module.eval()
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_a_reference_checkpoint_loads_with_its_projection_and_evaluates_the_same(family_dir, tmp_path, fmt):
+    """`load_model_path` = the reference's output directory: the adapters merged (at the run's
+    lora.alpha, 32 as published), the projection read from `prj.*`; its three terms equal the
+    reference forward run on the PEFT model itself."""
+    pytest.importorskip("peft")
+    from coconut_jax import weights
+    from tests import codi_reference
+    family, model_dir = family_dir
+    out, module = reference_checkpoint(model_dir, tmp_path / "ref", family, fmt)
+    source = weights.source_of(str(out))
+    assert source.kind == "reference"
+    tok = hf.load_tokenizer(model_dir)
+    w = weights.load(source, model_dir, "codi", tok, lora_alpha=32.0)
+    config = hf.load_config(model_dir)
+    assert w.config.vocab_size == config.vocab_size + 3 and set(w.parts) == {"projection"}
+    method = methods.get("codi").configure({"num_latent": K})
+    prj = method.part_module(method.parts[0], w.config)
+    model = models.build(w.config, fused_attention=False)
+    tokens = method.special_tokens(tok, config.vocab_size)
+    (b,) = batches(method, tok, tokens, RECORDS[:3], 3)
+    got = method.loss_terms(model, w.params, jnp_arrays(b), prefix_len=0, n_latent=K,
+                            parts={"projection": (prj, w.parts["projection"])})
+    want = codi_reference.terms(module.codi, module.prj,
+                                codi_reference.prepare(RECORDS[:3], tok, config.vocab_size,
+                                                       llama_shift=family == "llama"), K)
+    np.testing.assert_allclose([float(got[k][0] / got[k][1]) for k in ("student", "teacher", "distill")],
+                               [want["student"], want["teacher"], want["distill"]], rtol=1e-5)

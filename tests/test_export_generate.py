@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, export, hf, rundir, trained
+from coconut_jax import checkpoint, export, hf, trained, weights
 from coconut_jax.metrics import read_metrics
 from tests.conftest import LORA, ROOT, run_cli, subprocess_env
 
@@ -216,7 +216,7 @@ def test_a_lora_run_hands_off_to_the_next_with_its_adapters_merged(lora_run, tmp
     meta = checkpoint.read_meta(nxt, checkpoint.steps(nxt)[-1])
     assert meta["base"]["source"]["kind"] == "ours" and meta["base"]["source"]["step"] == step
     tok = hf.load_tokenizer(str(prepared / "model"))
-    _, merged, model = rundir.checkpoint_params(rundir.Source("ours", str(ckpt), step), "", tok)
+    _, merged, model = weights.checkpoint_params(weights.Source("ours", str(ckpt), step), "", tok)
     assert model.lora is not None and "token_rows" not in merged
     from coconut_jax.models import lora as lora_lib
     assert meta["base"]["digest"] == lora_lib.digest(merged)

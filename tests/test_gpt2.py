@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import hf, latent_vocab
+from coconut_jax import hf, latent_vocab, weights
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model, get_path
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
 
@@ -144,7 +144,7 @@ def test_reference_checkpoint_import(pair, tmp_path, prefix):
     model, _, ref, _ = pair
     path = str(tmp_path / "checkpoint_3")
     torch.save({prefix + k: v for k, v in ref.state_dict().items()}, path)
-    params, method = hf.import_reference_checkpoint(path, CFG)
+    params, _, method = weights.import_reference_state_dict(weights.read_state_dict(path), CFG, path)
     assert method == ("coconut" if prefix else None)
     ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     ours = model.logits(params, _ours(model, params, ids, np.ones((1, 8)), np.arange(8)[None]))

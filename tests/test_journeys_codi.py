@@ -93,7 +93,7 @@ def test_only_eval_loss_equals_the_reference_forward_on_the_runs_weights(codi_ru
             getattr(tp, name).bias.copy_(torch.tensor(np.asarray(prj[1][name]["bias"])))
         tp.ln.weight.copy_(torch.tensor(np.asarray(prj[1]["ln"]["scale"])))
         tp.ln.bias.copy_(torch.tensor(np.asarray(prj[1]["ln"]["bias"])))
-    records = load_records(world["gsm_valid"])
+    records = [r for r in load_records(world["gsm_valid"]) if r["answer"].split(" ")[-1][0].isdigit()]  # its filter
     sums = {"student": 0.0, "teacher": 0.0, "s_n": 0, "t_n": 0, "distill": []}
     for s in range(0, len(records), 4):
         w = codi_reference.terms(tm, tp, codi_reference.prepare(records[s:s + 4], t.tok, t.settings["pretrained_vocab"]),
@@ -152,3 +152,29 @@ def test_codi_trains_on_llama_and_qwen(tmp_path, world, family):
     # The Llama recipe's distillation weight is 20.
     assert all(abs(x["train/loss"] - x["train/student"] - x["train/teacher"] - 20 * x["train/distill"]) < 1e-3
                for x in steps)
+
+
+def test_a_published_checkpoint_evaluates_with_the_published_settings(world, tmp_path):
+    """configs/gsm_codi.py:eval on the reference's saved state dict (written by transformers +
+    PEFT + torch): its test-set evaluation runs, and its loss terms equal the reference forward
+    run on the PEFT model itself, over the file's records 4 at a time."""
+    pytest.importorskip("peft")
+    from coconut_jax import hf
+    from coconut_jax.data import load_records
+    from tests import codi_reference
+    from tests.test_codi import reference_checkpoint
+    out, module = reference_checkpoint(world["model"], tmp_path / "published", "gpt2")
+    r = run_cli(tmp_path, *data_paths(world, "gsm", valid="test"), *SMALL, "--config.only_eval_loss=True",
+                f"--config.load_model_path={out}", config="configs/gsm_codi.py:eval")
+    assert f"weights from {out}/pytorch_model.bin" in r.stdout
+    (got,) = evals(tmp_path / "gsm-codi-eval")
+    tok = hf.load_tokenizer(world["model"])
+    vocab = hf.load_config(world["model"]).vocab_size
+    records = [r for r in load_records(world["gsm_test"]) if r["answer"].split(" ")[-1][0].isdigit()]  # its filter
+    assert len(records) < len(load_records(world["gsm_test"]))  # (this file has negative answers)
+    parts = [codi_reference.terms(module.codi, module.prj, codi_reference.prepare(records[s:s + 4], tok, vocab), 3)
+             for s in range(0, len(records), 4)]
+    want = [sum(p["student"] * p["student_tokens"] for p in parts) / sum(p["student_tokens"] for p in parts),
+            sum(p["teacher"] * p["teacher_tokens"] for p in parts) / sum(p["teacher_tokens"] for p in parts),
+            float(np.mean([p["distill"] for p in parts]))]
+    np.testing.assert_allclose([got["eval/student"], got["eval/teacher"], got["eval/distill"]], want, rtol=1e-5)

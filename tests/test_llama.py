@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from coconut_jax import coconut, data, hf, latent_vocab, methods, models, testing, tiny
+from coconut_jax import coconut, data, hf, latent_vocab, methods, models, testing, tiny, weights
 from coconut_jax.models.common import EMBEDDING, HEAD, get_path
 from coconut_jax.models.llama import LlamaConfig
 from tests.model_checks import assert_incremental_equals_full, hidden, padded_batch
@@ -191,7 +191,7 @@ def test_reference_checkpoint_import(pair, tmp_path, prefix):
     model, params, ref, _ = pair
     path = tmp_path / "checkpoint_3"
     torch.save({prefix + k: v for k, v in ref.state_dict().items()}, path)
-    got, method = hf.import_reference_checkpoint(str(path), model.config)
+    got, _, method = weights.import_reference_state_dict(weights.read_state_dict(str(path)), model.config, str(path))
     assert method == ("coconut" if prefix else None)
     assert jax.tree.all(jax.tree.map(np.array_equal, got, jax.tree.map(np.asarray, params)))
 

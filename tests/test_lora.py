@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, hf, latent_vocab, models, peft_format, rundir, tiny, trainable
+from coconut_jax import checkpoint, config as config_lib, hf, latent_vocab, models, peft_format, tiny, trainable, weights
 from coconut_jax.models import lora as lora_lib
-from tests.conftest import LORA, ROOT, SAMPLE_RECORDS, built_once, run_cli
+from tests.conftest import LORA, ROOT, SAMPLE_RECORDS, built_once, run_cli, config_and_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -141,7 +141,7 @@ def test_a_lora_checkpoint_holds_what_trains_and_names_its_base(lora_run):
     # The recorded digest is the base's as the run built it (pretrained + latent rows).
     model_dir = str(lora_run / "prepared" / "model")
     tok = hf.load_tokenizer(model_dir)
-    _, base = rundir.load_weights(rundir.Source("model"), model_dir, "coconut", tok)
+    _, base = config_and_params(weights.load(weights.Source("model"), model_dir, "coconut", tok))
     assert meta["base"]["digest"] == lora_lib.digest(base)
     # The token rows trained away from their start (the row of `<<`).
     assert not np.array_equal(stored["token_rows"], np.asarray(base["wte"])[-3:])
@@ -154,7 +154,7 @@ def test_the_base_stays_bit_identical_through_training(tmp_path):
     c.update(dict(save_path=str(tmp_path), cache_dir=str(tmp_path / "cache"), num_epochs=2, lr=1e-2))
     c.lora.rank = 4
     run, _ = run_config(c)
-    _, base = rundir.load_weights(rundir.Source("model"), run.c.model_id, "coconut", run.tok)
+    _, base = config_and_params(weights.load(weights.Source("model"), run.c.model_id, "coconut", run.tok))
     frozen = _leaves(run.state.frozen)
     assert set(frozen) == set(_leaves(base))
     for k, x in _leaves(base).items():

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from coconut_jax import checkpoint, config as config_lib, files, hf, latent_vocab, rundir, optimizer, sharding, steps
+from coconut_jax import checkpoint, config as config_lib, files, hf, latent_vocab, rundir, optimizer, sharding, steps, weights
+from tests.conftest import config_and_params
 from coconut_jax.models.gpt2 import GPT2Model
 
 
@@ -96,17 +97,17 @@ def cot_checkpoints(tiny_dir, tmp_path_factory):
 
 def test_weight_source_kinds(tiny_dir, cot_checkpoints, tmp_path):
     d, _, _ = cot_checkpoints
-    assert rundir.weight_source(None).kind == "model"
-    assert rundir.weight_source(tiny_dir).kind == "hf"
-    best = rundir.weight_source(d)
+    assert weights.source_of(None).kind == "model"
+    assert weights.source_of(tiny_dir).kind == "hf"
+    best = weights.source_of(d)
     assert (best.kind, best.step) == ("ours", 2) and "best.json" in best.describe()
-    named = rundir.weight_source(os.path.join(d, "5"))
+    named = weights.source_of(os.path.join(d, "5"))
     assert (named.kind, named.step, named.path) == ("ours", 5, d)
     f = tmp_path / "checkpoint_3"
     f.write_bytes(b"x")
-    assert rundir.weight_source(str(f)).kind == "reference"
+    assert weights.source_of(str(f)).kind == "reference"
     with pytest.raises(rundir.RunDirError, match="not a checkpoint of ours"):
-        rundir.weight_source(str(tmp_path))
+        weights.source_of(str(tmp_path))
 
 
 def test_latest_step_without_best_json(tiny_dir, tmp_path):
@@ -114,7 +115,7 @@ def test_latest_step_without_best_json(tiny_dir, tmp_path):
     d = str(tmp_path / "checkpoints")
     _save(d, GPT2Model(config), params, 3, "cot")
     _save(d, GPT2Model(config), params, 7, "cot")
-    src = rundir.weight_source(d)
+    src = weights.source_of(d)
     assert src.step == 7 and "latest" in src.describe()
 
 
@@ -122,7 +123,7 @@ def test_hand_off_loads_first_then_grows_the_vocabulary(tiny_dir, cot_checkpoint
     """A CoT checkpoint into Coconut: its own weights, then three new rows copied from `<<`."""
     d, params, _ = cot_checkpoints
     tok = hf.load_tokenizer(tiny_dir)
-    config, got = rundir.load_weights(rundir.weight_source(d), tiny_dir, "coconut", tok)
+    config, got = config_and_params(weights.load(weights.source_of(d), tiny_dir, "coconut", tok))
     n_old = params["wte"].shape[0]
     assert config.vocab_size == len(tok) == n_old + 3
     np.testing.assert_array_equal(got["wte"][:n_old], params["wte"])
@@ -131,20 +132,20 @@ def test_hand_off_loads_first_then_grows_the_vocabulary(tiny_dir, cot_checkpoint
         np.testing.assert_array_equal(got["wte"][tok.convert_tokens_to_ids(t)], params["wte"][src])
     np.testing.assert_array_equal(got["h"]["0"]["c_fc"]["kernel"], params["h"]["0"]["c_fc"]["kernel"])
     # A method without latent tokens keeps the vocabulary as it was.
-    config, got = rundir.load_weights(rundir.weight_source(d), tiny_dir, "no_cot", tok)
+    config, got = config_and_params(weights.load(weights.source_of(d), tiny_dir, "no_cot", tok))
     assert config.vocab_size == n_old and got["wte"].shape[0] == n_old
 
 
 def test_coconut_checkpoint_cannot_start_a_method_without_latent_tokens(tiny_dir, cot_checkpoints, tmp_path):
     d, _, _ = cot_checkpoints
     tok = hf.load_tokenizer(tiny_dir)
-    config, params = rundir.load_weights(rundir.weight_source(d), tiny_dir, "coconut", tok)
+    config, params = config_and_params(weights.load(weights.source_of(d), tiny_dir, "coconut", tok))
     coconut_dir = str(tmp_path / "checkpoints")
     _save(coconut_dir, GPT2Model(config), params, 4, "coconut")
     with pytest.raises(rundir.RunDirError, match="a coconut checkpoint .* cannot be loaded into method 'cot'"):
-        rundir.load_weights(rundir.weight_source(coconut_dir), tiny_dir, "cot", tok)
+        weights.load(weights.source_of(coconut_dir), tiny_dir, "cot", tok)
     # Between latent methods it is allowed, at the shapes stored.
-    config, got = rundir.load_weights(rundir.weight_source(coconut_dir), tiny_dir, "pause_as_thought", tok)
+    config, got = config_and_params(weights.load(weights.source_of(coconut_dir), tiny_dir, "pause_as_thought", tok))
     np.testing.assert_array_equal(got["wte"], params["wte"])
 
 
@@ -155,7 +156,7 @@ def test_checkpoint_of_another_model_is_one_line(tmp_path, cot_checkpoints):
                        n_layer=1, n_embd=32, n_head=2, n_positions=128)
     d, _, _ = cot_checkpoints
     with pytest.raises(rundir.RunDirError) as e:
-        rundir.load_weights(rundir.weight_source(d), other, "coconut", hf.load_tokenizer(other))
+        weights.load(weights.source_of(d), other, "coconut", hf.load_tokenizer(other))
     assert "do not fit model_id" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -211,7 +212,7 @@ def test_the_model_of_a_run_is_the_best_of_its_last_stage_not_of_every_stage(tmp
     # Step 9 is mid-epoch 5 (stage 2), which has no accuracy yet: the latest step.
     assert trained.model_step(ck.dir, c).step == 9
     assert trained.model_step(ck.dir, c, best_any_stage=True).step == 2
-    assert rundir.weight_source(ck.dir).step == 2
+    assert weights.source_of(ck.dir).step == 2
     assert trained.pick_step(ck.dir, c, 4).step == 4
     with pytest.raises(trained.TrainedError, match="no step 5"):
         trained.pick_step(ck.dir, c, 5)

@@ -104,6 +104,12 @@ class Method:
         """How many of a tokenized training set's records an epoch trains on (all, here)."""
         return len(examples)
 
+    def import_state_dict(self, state_dict: dict):
+        """This method's reference implementation's saved state dict -> (the model's state
+        dict, Hugging Face names, PEFT-wrapped or not; {part name: params}), or None when
+        `state_dict` is not in its layout (the Coconut reference's is read by coconut_jax.weights)."""
+        return None
+
     def special_tokens(self, tok, vocab_size: int):
         """The ids a run's sequences use beyond the text's (`vocab_size`: the pretrained
         model's): Coconut's latent tokens, eos and pad (`latent_vocab.LatentTokens`)."""

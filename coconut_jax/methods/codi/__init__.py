@@ -104,6 +104,22 @@ class Codi(Method):
             return 0
         return int(np.sum(ts.tokens[ts.pieces[ts.records[:-1] + 3]] == 1))
 
+    def import_state_dict(self, state_dict):
+        """The reference's saved CODI module: the model under `codi.` (`codi.base_model.model.*`
+        with its PEFT adapters), the projection under `prj.` (nn.Sequential: 1 and 3 the two
+        Linear layers, `ln` the LayerNorm)."""
+        if not any(k.startswith("codi.") for k in state_dict):
+            return None
+        model = {k[len("codi."):]: v for k, v in state_dict.items() if k.startswith("codi.")}
+        prj = {k[len("prj."):]: np.asarray(v, np.float32) for k, v in state_dict.items() if k.startswith("prj.")}
+        parts = {}
+        if prj:
+            parts["projection"] = {"fc1": {"kernel": prj["1.weight"].T, "bias": prj["1.bias"]},
+                                   "fc2": {"kernel": prj["3.weight"].T, "bias": prj["3.bias"]}}
+            if "ln.weight" in prj:
+                parts["projection"]["ln"] = {"scale": prj["ln.weight"], "bias": prj["ln.bias"]}
+        return model, parts
+
     def special_tokens(self, tok, vocab_size):
         return _data().Tokens(vocab_size, tok.eos_token_id)
 
