@@ -123,16 +123,17 @@ def concept_mass(model, params, states: np.ndarray, record: dict, tokenizer) -> 
 
 
 def accuracy_by_thoughts(model, params, examples, records, cur: data.Curriculum, tokens, tokenizer, *,
-                         max_k: int, batch_size: int, max_new_tokens: int, multiple: int = 32,
+                         max_k: int, batch_size: int, max_new_tokens: int, multiple: int = 32, parts=None,
                          **kw) -> dict[int, float]:
-    """Accuracy when inference uses the thoughts of k latent stages, k = 0..max_k (the prompt
-    is question + <start> + k*c_thought latents + <end>), with the model unchanged."""
-    fixed = dataclasses.replace(cur, pad_latent_to_max=True, max_latent_stage=max_k)
-    out = {}
+    """Accuracy when inference uses k x thoughts_per_step thoughts, k = 0..max_k (Coconut: the
+    thoughts of k latent stages, question + <start> + k*c_thought latents + <end>), with the
+    model unchanged (`Method.with_thoughts` makes the prompts, `Method.predict` answers them;
+    `parts`: {name: (module, params)} generation needs)."""
+    spec, out = cur.spec, {}
     for k in range(max_k + 1):
-        preds = evaluate.generate_predictions(model, params, examples, records, k, fixed, tokens, tokenizer,
-                                              batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                              multiple=multiple, **kw)
+        at, stage = spec.with_thoughts(cur, k * cur.thoughts_per_step)
+        preds = spec.predict(model, params, parts or {}, examples, records, stage, at, tokens, tokenizer,
+                             batch_size=batch_size, max_new_tokens=max_new_tokens, multiple=multiple, **kw)
         out[k] = evaluate.summarize(preds)["acc"]
     return out
 
@@ -188,6 +189,12 @@ def load_trained(c, step: int | None = None, best_any_stage: bool = False):
     return set_up(c, writes=False)
 
 
+def inference_parts(run) -> dict:
+    """{name: (module, params)} of the parts the run's method generates with."""
+    modules = dict(run.state.part_models)
+    return {p.name: (modules[p.name], run.state.parts[p.name]) for p in run.cur.spec.parts if p.inference}
+
+
 def report_steps(run, question: int, max_k: int | None) -> list[dict]:
     """Prints, for each group of thoughts of a validation question at stage `max_k`, what the
     step decoder writes from it beside the step those thoughts replaced."""
@@ -212,11 +219,14 @@ def report_steps(run, question: int, max_k: int | None) -> list[dict]:
 
 def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> dict:
     """Prints the analysis of one validation question and accuracy by k; writes two PNGs."""
-    cur, tokens, tok = run.cur, run.tokens, run.tok
-    max_k = cur.max_latent_stage if max_k is None else max_k
-    ex, record = run.val_examples[question], run.val_records[run.val_examples[question].idx]
-    prompt = data.eval_prompt(ex, max_k, dataclasses.replace(cur, max_latent_stage=max_k), tokens)
-    states = thoughts(run.model, run.params, prompt, tokens)
+    cur, tokens, tok, spec = run.cur, run.tokens, run.tok, run.cur.spec
+    per = cur.thoughts_per_step
+    # k counts latent stages (Coconut), each `per` thoughts; by default as many as the run's last stage has.
+    max_k = spec.eval_thoughts(cur, cur.max_latent_stage)[0] // max(per, 1) if max_k is None else max_k
+    parts = inference_parts(run)
+    ex, record = run.val_examples[question], run.val_records[question]
+    at, stage = spec.with_thoughts(cur, max_k * per)
+    states = spec.thought_states(run.model, run.params, parts, ex, stage, at, tokens)
     os.makedirs(out_dir, exist_ok=True)
     print(f"question {question}: {record['question'][-120:]}")
     print(f"gold steps: {' '.join(record['steps'])}  answer: {record['answer']}")
@@ -234,9 +244,7 @@ def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> d
     acc = accuracy_by_thoughts(run.model, run.params, run.val_examples, run.val_records, cur, tokens,
                                tok, max_k=max_k, batch_size=evaluate.eval_rows_for(run.c),
                                max_new_tokens=evaluate.max_new_tokens_for(run.c),
-                               multiple=run.c.eval_pad_to_multiple)
-    # k counts latent stages; with c_thought > 1 each one is several thoughts.
-    per = cur.thoughts_per_step
+                               multiple=run.c.eval_pad_to_multiple, parts=parts)
     print("accuracy by thoughts at inference: " + ", ".join(f"{k * per} (k={k}): {a:.3f}" for k, a in acc.items()))
     result["accuracy_by_k"] = acc
     result["accuracy_plot"] = plot_accuracy_by_thoughts(acc, os.path.join(out_dir, "accuracy_by_k.png"), per)

@@ -60,20 +60,14 @@ def device_bytes(tree) -> int:
     return total
 
 
-def batch_shapes(mesh, rows: int, width: int, step_shape: tuple[int, int] | None = None) -> dict:
-    """Abstract arrays of a micro-batch of `rows` x `width` on the mesh (with `step_shape` =
-    (groups, length), a method's step targets too)."""
+def batch_shapes(mesh, shapes: dict) -> dict:
+    """Abstract arrays on the mesh of a micro-batch given as {name: (shape, dtype)} (what a
+    method's `plan_batch` says), split over the data-parallel devices by their first axis."""
     import jax
 
     from coconut_jax import sharding
     sh = sharding.batch_sharding(mesh)
-    out = {k: jax.ShapeDtypeStruct((rows, width), np.int32, sharding=sh)
-           for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-    out["latent_mask"] = jax.ShapeDtypeStruct((rows, width), np.bool_, sharding=sh)
-    if step_shape is not None:
-        out.update({k: jax.ShapeDtypeStruct((rows, *step_shape), np.int32, sharding=sh)
-                    for k in ("step_ids", "step_mask")})
-    return out
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for k, (shape, dtype) in shapes.items()}
 
 
 def global_shapes(mesh, arrays: dict, processes: int = 1) -> dict:

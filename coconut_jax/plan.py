@@ -58,9 +58,8 @@ def _model_config(c, tok_len):
 
     from coconut_jax import methods
     config = _pretrained_config(c)
-    if methods.get(c.method).latent_tokens:
-        config = dataclasses.replace(config, vocab_size=tok_len)  # as add_latent_rows sizes it
-    return config
+    # As the method's add_rows sizes it (Coconut: the tokenizer with the latent tokens).
+    return dataclasses.replace(config, vocab_size=methods.get(c.method).planned_vocab(config.vocab_size, tok_len))
 
 
 def _lora_tokens(spec, config) -> tuple[int, ...]:
@@ -79,41 +78,41 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
     from coconut_jax.run import build_model, trains
     spec = cur.spec
     model = build_model(c, config, _lora_tokens(spec, config))
-    # A part's source is model_id's pretrained model (weights.part_weights): its config.
-    part_models = tuple((p.name, build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
     tx = optimizer.make_optimizer(c)
-    layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_models,
+    layout = steps.Layout(model, mesh, tx, jnp.dtype(c.param_dtype), spec.loss, part_modules(c, spec, config),
                           trains(model, spec))
-    n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
     rows = c.global_batch_size // c.gradient_accumulation_steps
-    step_shape = (n_latent // cur.thoughts_per_step if cur.thoughts_per_step else 0, step_length) \
-        if spec.step_targets else None
-    prefix = length // 2 if n_latent else 0
+    shapes, prefix, n_latent = spec.plan_batch(cur, stage, rows, length, step_length)
     t0 = time.perf_counter()
     mem = costs.step_memory(model, layout, steps.make_update(tx, spec.loss, layout), spec,
-                            costs.batch_shapes(mesh, rows, length, step_shape), prefix_len=prefix,
-                            n_latent=n_latent if cur.markers else 0, loss_chunk=c.loss_chunk)
+                            costs.batch_shapes(mesh, shapes), prefix_len=prefix, n_latent=n_latent,
+                            loss_chunk=c.loss_chunk)
     return {"stage": stage, "thoughts": n_latent, **mem, "compile_s": round(time.perf_counter() - t0, 2),
             "tokens_per_step": c.global_batch_size * length}
 
 
+def part_modules(c, spec, config) -> tuple:
+    """((name, module), ...) of the method's parts: a "pretrained" part is model_id's model (its
+    config, weights.part_weights), a "fresh" one the method's own module."""
+    from coconut_jax.run import build_model
+    return tuple((p.name, spec.part_module(p, config) if p.source == "fresh"
+                  else build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
+
+
 def eval_plan(c, mesh, cur, config, stage: int, length: int) -> dict:
     """Per-device memory of batched generation at `stage` (prompts of length/2)."""
-    import numpy as np
-
-    from coconut_jax import coconut, costs, evaluate, steps
+    from coconut_jax import costs, evaluate, steps
     from coconut_jax.run import build_model
-    model = build_model(c, config, _lora_tokens(cur.spec, config))  # generation runs it as it trains
+    spec = cur.spec
+    model = build_model(c, config, _lora_tokens(spec, config))  # generation runs it as it trains
     rows = evaluate.eval_rows_for(c)
     prompt = length // 2
-    n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
-    arrays = {k: v for k, v in costs.batch_shapes(mesh, rows, prompt).items() if k != "labels"}
     _, params = steps.placed_shapes(model, mesh, c.param_dtype)
+    parts = {name: (m, steps.placed_shapes(m, mesh, c.param_dtype)[1]) for name, m in part_modules(c, spec, config)
+             if any(p.inference and p.name == name for p in spec.parts)}
     t0 = time.perf_counter()
-    mem = coconut.generate.lower(model, params, arrays, np.int32(0), prefix_len=prompt // 2 if n_latent else 0,
-                                 n_latent=n_latent if cur.markers else 0,
-                                 max_new_tokens=evaluate.max_new_tokens_for(c),
-                                 feedback=cur.feedback).compile().memory_analysis()
+    mem = spec.plan_generation(model, params, parts, cur, stage, rows, prompt, evaluate.max_new_tokens_for(c),
+                               lambda shapes: costs.batch_shapes(mesh, shapes)).memory_analysis()
     out = {"stage": stage, "rows": rows, "prompt": prompt, "compile_s": round(time.perf_counter() - t0, 2)}
     if mem is not None:
         out["total_gb"] = round((mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes

@@ -178,3 +178,42 @@ def test_a_published_checkpoint_evaluates_with_the_published_settings(world, tmp
             sum(p["teacher"] * p["teacher_tokens"] for p in parts) / sum(p["teacher_tokens"] for p in parts),
             float(np.mean([p["distill"] for p in parts]))]
     np.testing.assert_allclose([got["eval/student"], got["eval/teacher"], got["eval/distill"]], want, rtol=1e-5)
+
+
+def test_analysis_and_plan_of_a_codi_run(codi_run, world, tmp_path):
+    """`coconut_jax.analysis` reads a CODI run's thoughts and its accuracy by thoughts at
+    inference (0..num_latent); `coconut_jax.plan` plans its step and its generation."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+    root, _ = codi_run
+    flags = (*data_paths(world, "gsm"), *CODI, f"--config.save_path={root}")
+    r = subprocess.run([sys.executable, "-m", "coconut_jax.analysis", "--config", "configs/gsm_codi.py", *flags,
+                        "--top_k", "2"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, check=True)
+    lines = r.stdout.splitlines()
+    assert sum(line.startswith("thought ") for line in lines) == 3
+    (acc,) = [line for line in lines if line.startswith("accuracy by thoughts at inference")]
+    assert "3 (k=3)" in acc and "0 (k=0)" in acc
+    assert (root / "gsm-codi" / "analysis" / "accuracy_by_k.png").is_file()
+    r = subprocess.run([sys.executable, "-m", "coconut_jax.plan", "--config", "configs/gsm_codi.py",
+                        f"--config.model_id={world['model']}", "--length", "64", "--json"], cwd=ROOT,
+                       env=subprocess_env(), capture_output=True, text=True, check=True)
+    plan = json.loads(r.stdout)
+    assert [(s["stage"], s["thoughts"]) for s in plan["stages"]] == [(0, 6)]
+    assert plan["stages"][0]["total_gb"] > 0 and plan["evaluation"]["total_gb"] > 0
+
+
+def test_codi_on_8_devices_in_bf16_matches_one_device(world, tmp_path):
+    """The step sharded over 8 devices (bf16 base, f32 adapters and projection) logs what one
+    device logs, to bf16's rounding."""
+    args = (*data_paths(world, "gsm"), *SMALL, "--config.num_epochs=1", "--config.bf16=True",
+            "--config.param_dtype=bfloat16", "--config.global_batch_size=16", "--config.eval_batch_size=8")
+    run_cli(tmp_path / "one", *args, config="configs/gsm_codi.py")
+    run_cli(tmp_path / "eight", *args, config="configs/gsm_codi.py", devices=8)
+    one, eight = (read_metrics(tmp_path / d / "gsm-codi" / "metrics.jsonl") for d in ("one", "eight"))
+    steps = [(a, b) for a, b in zip(one, eight) if "train/loss" in a]
+    assert len(steps) == 3  # 40 records, 16 a step
+    for a, b in steps:
+        for k in ("train/student", "train/teacher"):
+            assert abs(a[k] - b[k]) < 2e-2 * abs(a[k]), (k, a[k], b[k])

@@ -124,6 +124,10 @@ class Method:
         from coconut_jax import latent_vocab
         return latent_vocab.add_latent_rows(config, params, tok)
 
+    def planned_vocab(self, pretrained_vocab: int, tokenizer_len: int) -> int:
+        """The embedding's rows after `add_rows`, known before any weight is read."""
+        return tokenizer_len if self.latent_tokens else pretrained_vocab
+
     def epoch_plan(self, examples, cur, tokens, stage: int, epoch: int, settings, shuffle: bool = True,
                    static_shapes: bool | None = None):
         """An epoch's batches (`data.EpochPlan`: `len`, `batch(k)`, `batches()`)."""
@@ -155,6 +159,32 @@ class Method:
         the LM head (`generate --show-thoughts`): Coconut's fed-back states."""
         from coconut_jax import analysis, data
         return analysis.thoughts(model, params, data.eval_prompt(example, stage, cur, tokens), tokens)
+
+    # -- the memory plan (coconut_jax.plan), before any data exists --------------------------------
+    def plan_batch(self, cur, stage: int, rows: int, length: int, step_length: int):
+        """({name: (shape, dtype)} of a micro-batch of `rows` sequences of `length` tokens at
+        `stage`, prefix_len, n_latent): Coconut's arrays, the first latent mid-sequence, the
+        stage's thoughts (with step targets of `step_length` tokens when the method has them)."""
+        n_latent = int(cur.latent_steps(cur.max_latent_stage + stage + 1, stage)[1]) * cur.thoughts_per_step
+        shapes = {k: ((rows, length), np.int32) for k in ("input_ids", "attention_mask", "position_ids", "labels")}
+        shapes["latent_mask"] = ((rows, length), np.bool_)
+        if self.step_targets:
+            groups = n_latent // cur.thoughts_per_step if cur.thoughts_per_step else 0
+            shapes.update({k: ((rows, groups, step_length), np.int32) for k in ("step_ids", "step_mask")})
+        marked = n_latent if self.latent_tokens else 0
+        return shapes, (length // 2 if marked else 0), marked
+
+    def plan_generation(self, model, params, parts, cur, stage: int, rows: int, prompt: int, max_new_tokens: int,
+                        place):
+        """The compiled generation program for `rows` prompts of `prompt` tokens at `stage`
+        (abstract `params`; `parts`: {name: (module, abstract params)} of the parts it needs;
+        `place`: {name: (shape, dtype)} -> abstract arrays on the mesh)."""
+        from coconut_jax import coconut
+        shapes, _, n_latent = self.plan_batch(cur, stage, rows, prompt, 0)
+        arrays = place({k: v for k, v in shapes.items() if k != "labels"})
+        return coconut.generate.lower(model, params, arrays, np.int32(0), prefix_len=prompt // 2 if n_latent else 0,
+                                      n_latent=n_latent, max_new_tokens=max_new_tokens,
+                                      feedback=self.feedback).compile()
 
     def max_new_tokens(self) -> int | None:
         """The method's own default generation length (None: the reference Coconut's rule)."""

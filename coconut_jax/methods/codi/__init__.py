@@ -140,6 +140,9 @@ class Codi(Method):
                 out[name] = np.concatenate([table, mean[None] + noise])
         return dataclasses.replace(config, vocab_size=rows + 3), out
 
+    def planned_vocab(self, pretrained_vocab, tokenizer_len):
+        return pretrained_vocab + 3
+
     def epoch_plan(self, examples, cur, tokens, stage, epoch, settings, shuffle=True, static_shapes=None):
         return _data().Plan(examples, tokens, int(self.setting("num_latent")), settings, epoch, shuffle,
                               static_shapes, exact_encoder=not self.setting("mask_pads"))
@@ -166,6 +169,25 @@ class Codi(Method):
                                   mask_pads=bool(self.setting("mask_pads")), dropout_key=dropout_key,
                                   loss_chunk=loss_chunk)
 
+    def plan_batch(self, cur, stage, rows, length, step_length):
+        """The planned shapes: the teacher `length` tokens, the student's question + bot half of
+        it, its eot + answer an eighth (at least 8)."""
+        enc, dec = max(length // 2, 2), max(length // 8, 8)
+        i32 = np.int32
+        shapes = {"ref_ids": ((rows, length), i32), "ref_labels": ((rows, length), i32), "ref_pos": ((rows,), i32),
+                  "enc_ids": ((rows, enc), i32), "enc_mask": ((rows, enc), i32), "dec_ids": ((rows, dec), i32),
+                  "dec_labels": ((rows, dec), i32), "dec_pos": ((rows,), i32), "rows": ((rows,), np.float32)}
+        return shapes, 0, int(self.setting("num_latent"))
+
+    def plan_generation(self, model, params, parts, cur, stage, rows, prompt, max_new_tokens, place):
+        from coconut_jax.methods.codi import forward
+        prj, prj_params = parts["projection"]
+        arrays = place({"enc_ids": ((rows, prompt), np.int32), "enc_mask": ((rows, prompt), np.int32)})
+        return forward.generate.lower(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"],
+                                      np.int32(0), np.int32(0), n_latent=int(self.setting("num_latent")),
+                                      max_new_tokens=max_new_tokens,
+                                      mask_pads=bool(self.setting("mask_pads"))).compile()
+
     # -- evaluation -----------------------------------------------------------------------------
     def max_new_tokens(self):
         return 256  # the reference's test.py
@@ -174,8 +196,9 @@ class Codi(Method):
         return int(self.setting("num_latent")), True
 
     def with_thoughts(self, cur, thoughts):
-        if thoughts < 1:
-            raise ValueError(f"method {self.name!r} needs at least 1 thought")
+        """The same prompts with `thoughts` passes (0: the question, bot, then eot at once)."""
+        if thoughts < 0:
+            raise ValueError(f"method {self.name!r} takes 0 thoughts or more, not {thoughts}")
         settings = dict(cur.settings) | {"num_latent": thoughts}
         return dataclasses.replace(cur, settings=tuple(sorted(settings.items()))), 0
 
