@@ -3,7 +3,7 @@ the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
     python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b|llama3b|llama8b] [--batch B --length T]
                                     [--bf16] [--param-dtype bfloat16] [--time] [--repeats 5]
-                                    [--modes before,after,after_remat] [--simcot] [--lora R] [--no-full]
+                                    [--modes before,after,after_remat] [--simcot] [--lora R] [--no-full] [--codi]
 
 Shapes: `tiny` and `llama_tiny` run on 2 CPU cores (a 2-layer GPT-2; a 2-layer Llama with
 grouped-query attention, RoPE with llama3 scaling and an untied head); `gpt2` is GPT-2 small,
@@ -32,6 +32,14 @@ one loss (`+simcot_summed`, the one-backward floor) and the ratio to it
 three latent rows train in f32 (dropout --lora-dropout, default 0.1, on the adapters' input), the base (stored in --param-dtype) is an argument that gets no
 gradient and no optimizer state; with `--time`, its ratio to the full step
 (`{mode}_lora_over_full@N`). `--no-full` leaves the full fine-tuning step out (8B shapes).
+`--codi` (with `--lora R`) adds, at each thought count, the CODI step as a run takes it
+(`{mode}@N+codi`: the teacher's pass and the student's question, N thoughts and answer, three
+terms, one backward pass; adapters of rank R and the projection train, the base is frozen),
+its ratio to Coconut's LoRA step at as many thoughts (`{mode}_codi_over_coconut_lora@N`), and
+where its time goes: the teacher's and the student's terms alone, each over the whole step
+(`{mode}_codi_teacher_over_codi@N`, `{mode}_codi_student_over_codi@N`). Its rows: the
+teacher `length` tokens (question about half, answer 8), the student question + bot, N
+thoughts, eot + answer.
 Prints one JSON object.
 """
 from __future__ import annotations
@@ -176,6 +184,63 @@ def simcot_summed_step_fn(model, decoder, tx, b, loss_chunk):
     return simcot_step_fn(model, decoder, tx, b, loss_chunk, dataclasses.replace(summed, loss=(("lm", 1.0),)))
 
 
+def codi_batch(batch: int, length: int, n_thoughts: int, vocab: int):
+    """A CODI batch like `make_batch`'s rows: the teacher question + chain + answer in `length`
+    tokens (question about half, answer 8), the student question + bot, its thoughts, eot + answer."""
+    from coconut_jax.data import PlanSettings, TokenizedSet
+    from coconut_jax.methods.codi import data as codi_data
+    rng = np.random.default_rng(2)
+    pieces = []
+    for r in range(batch):
+        q = rng.integers(1, vocab - 3, size=length // 2 - 8 - r % 8).tolist()
+        a = rng.integers(1, vocab - 3, size=8).tolist()
+        c = rng.integers(1, vocab - 3, size=length - 4 - len(q) - len(a)).tolist()
+        pieces.append((q, c, a, [1, 3]))
+    tokens = codi_data.Tokens(vocab - 3, eos=0)
+    return codi_data.Plan(TokenizedSet.from_pieces(pieces), tokens, n_thoughts,
+                          PlanSettings(seed=0, batch_size=batch, multiple=32), 0, shuffle=False).batch(0)
+
+
+def codi_method(n: int, only: str | None = None):
+    """Method codi at `n` thoughts; `only` "teacher" or "student": that term alone (its pass,
+    forward and backward), to see where the step's time goes."""
+    from coconut_jax.methods.codi import forward
+    base = methods.get("codi").configure({"num_latent": n})
+    if only is None:
+        return base
+
+    class One(type(base)):
+        def term_counts(self, arrays, **kw):
+            return {only: super().term_counts(arrays, **kw)[only]}
+
+        def loss_terms(self, model, params, arrays, *, n_latent, dropout_key=None, loss_chunk=0, parts=None, **kw):
+            params = model.stack_layers(params)
+            if only == "teacher":
+                return {only: forward.teacher_pass(model, params, arrays, dropout_key=dropout_key,
+                                                   loss_chunk=loss_chunk)[0]}
+            prj, prj_params = parts["projection"]
+            return {only: forward.student_pass(model, params, prj, prj_params, arrays, n_latent=n_latent,
+                                               mask_pads=False, dropout_key=dropout_key, loss_chunk=loss_chunk)[0]}
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return One(**{**fields, "loss": ((only, 1.0),)})
+
+
+def codi_step_fn(model, prj, tx, n: int, loss_chunk, method):
+    """The CODI step as a run takes it: the LoRA adapters and the projection trained, the base
+    frozen; the terms' counts and scales, one backward pass (`steps.accumulate`), AdamW."""
+    parts = (("projection", prj),)
+
+    def step(t, o, frozen, arrays, key):
+        scales = steps.term_scales(method, [(arrays, 0, n)], parts)
+        acc = steps.zero_accumulator(t, [k for k, _ in method.loss])
+        acc = steps.accumulate(model, t, acc, arrays, key, scales, method=method, prefix_len=0, n_latent=n,
+                               loss_chunk=loss_chunk, frozen=frozen, part_models=parts)
+        g, losses = steps.mean_gradient(acc, method.loss)
+        u, o = tx.update(g, o, t)
+        return optax.apply_updates(t, u), o, losses["loss"]
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
 def ratio(a: list[float], b: list[float]) -> dict:
     """Two steps' time ratio per round of interleaved repeats (the two ran within a round, under
     the same load): its median, min and max over the rounds."""
@@ -185,6 +250,10 @@ def ratio(a: list[float], b: list[float]) -> dict:
 
 def is_simcot(name: str) -> bool:
     return name.endswith(("+simcot", "+simcot_summed"))
+
+
+def is_codi(name: str) -> bool:
+    return "+codi" in name
 
 
 def gib(n: int) -> float:
@@ -208,7 +277,12 @@ def main():
     p.add_argument("--lora", type=int, default=0, help="also the LoRA step with adapters of this rank")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input")
     p.add_argument("--no-full", action="store_true", help="leave the full fine-tuning step out")
+    p.add_argument("--codi", action="store_true",
+                   help="also the CODI step (needs --lora R) at each thought count > 0, and its teacher and student "
+                        "terms alone")
     a = p.parse_args()
+    if a.codi and not a.lora:
+        p.error("--codi trains LoRA adapters: give their rank with --lora R (CODI's recipes: 128)")
     spec = SHAPES[a.shapes]
     cfg = spec["config"]
     if a.no_dropout:
@@ -255,6 +329,19 @@ def main():
                 for suffix, make in (("+simcot", simcot_step_fn), ("+simcot_summed", simcot_summed_step_fn)):
                     variants.append((f"{mode}@{n}{suffix}", make(model, decoder, tx, b, m["loss_chunk"]),
                                      (abstract_sim, abstract_sim_opt), sim_arrays))
+            if a.codi and n > 0:
+                lm_codi = lora_model(cfg, a.lora, dtype, a.lora_dropout, **m["model"])
+                lm_codi = lm_codi.replace(lora=dataclasses.replace(lm_codi.lora, token_ids=()))  # CODI trains no rows
+                prj = codi_method(n).part_module(codi_method(n).parts[0], cfg)
+                cb = codi_batch(batch, length, n, cfg.vocab_size)
+                batches[f"codi{n}"] = cb
+                codi_arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in cb.arrays().items()}
+                t_shapes, f_shapes = trainable.split(lm_codi.param_shapes(a.param_dtype), lora_lib.trains(lm_codi.lora))
+                trained_shapes = trainable.pack(t_shapes, {"projection": prj.param_shapes()})
+                for suffix, only in (("+codi", None), ("+codi_teacher", "teacher"), ("+codi_student", "student")):
+                    variants.append((f"{mode}@{n}{suffix}", codi_step_fn(lm_codi, prj, tx, n, m["loss_chunk"],
+                                                                        codi_method(n, only)),
+                                     (trained_shapes, jax.eval_shape(tx.init, trained_shapes), f_shapes), codi_arrays))
             for name, fn, state_shapes, arrays_shape in variants:
                 t0 = time.perf_counter()
                 c = fn.lower(*state_shapes, arrays_shape, jax.random.key(0)).compile()
@@ -278,23 +365,38 @@ def main():
                 np.asarray, models.build(cfg).init(0)))), lora_lib.trains(lm.lora))
             lora_params = (lora_params[0], jax.tree.map(lambda x: x.astype(a.param_dtype), lora_params[1]))
 
+        if a.codi:
+            lm_c = lora_model(cfg, a.lora)
+            lm_c = lm_c.replace(lora=dataclasses.replace(lm_c.lora, token_ids=()))
+            codi_t, codi_frozen = trainable.split(jax.tree.map(jnp.asarray, lora_lib.attach(lm_c, jax.tree.map(
+                np.asarray, models.build(cfg).init(0)))), lora_lib.trains(lm_c.lora))
+            codi_frozen = jax.tree.map(lambda x: x.astype(a.param_dtype), codi_frozen)
+            prj0 = codi_method(6).part_module(codi_method(6).parts[0], cfg)
+            codi_t = trainable.pack(codi_t, {"projection": jax.tree.map(jnp.asarray, prj0.init(0))})
+
         def initial(name):
+            if is_codi(name):
+                return jax.tree.map(jnp.array, codi_t), tx.init(codi_t), codi_frozen
             if name.endswith("+lora"):
                 t, frozen = lora_params
                 return jax.tree.map(jnp.array, t), tx.init(t), frozen
             t = (params, decoder_params) if is_simcot(name) else params
             return jax.tree.map(jnp.array, t), tx.init(t)
         state = {name: initial(name) for name in compiled}
-        device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()}
+        device_arrays = {n: {k: jnp.asarray(v) for k, v in b.arrays().items()} for n, b in batches.items()
+                         if isinstance(n, int)}
         sim_arrays = {n: {**device_arrays[n], **{k: jnp.asarray(v) for k, v in step_arrays(batch, n, cfg.vocab_size)
-                                                 .items()}} for n in batches if n}
+                                                 .items()}} for n in batches if isinstance(n, int) and n}
+        codi_arrays_dev = {int(k[4:]): {name: jnp.asarray(v) for name, v in b.arrays().items()}
+                           for k, b in batches.items() if isinstance(k, str)}
         for r in range(a.repeats + 1):  # the first round warms up
             for name, c in compiled.items():
                 n = int(name.split("@")[1].split("+")[0])
                 st = state[name]
                 t0 = time.perf_counter()
-                p_, o_, loss = c(*st, sim_arrays[n] if is_simcot(name) else device_arrays[n],
-                                 jax.random.key(r))
+                arrays_n = (codi_arrays_dev[n] if is_codi(name) else sim_arrays[n] if is_simcot(name)
+                            else device_arrays[n])
+                p_, o_, loss = c(*st, arrays_n, jax.random.key(r))
                 jax.block_until_ready(loss)
                 state[name] = (p_, o_, *st[2:])
                 if r:
@@ -302,7 +404,8 @@ def main():
         peak = peak_flops(kind)
         for name, ts in times.items():
             n = int(name.split("@")[1].split("+")[0])
-            tokens = batch * batches[n].input_ids.shape[1]
+            b_n = batches[f"codi{n}"] if is_codi(name) else batches[n]
+            tokens = b_n.token_count() if is_codi(name) else batch * batches[n].input_ids.shape[1]
             med = float(np.median(ts))
             out[name].update(step_s_median=round(med, 5), step_s_spread=[round(min(ts), 5), round(max(ts), 5)],
                              tokens_per_s=round(tokens / med))
@@ -320,6 +423,13 @@ def main():
             if name.endswith("+lora") and name[:-len("+lora")] in times:
                 mode, n = name[:-len("+lora")].split("@")
                 out[f"{mode}_lora_over_full@{n}"] = ratio(times[name], times[f"{mode}@{n}"])
+        for name in times:
+            if name.endswith("+codi"):
+                mode, n = name[:-len("+codi")].split("@")
+                if f"{mode}@{n}+lora" in times:  # against Coconut's LoRA step at as many thoughts
+                    out[f"{mode}_codi_over_coconut_lora@{n}"] = ratio(times[name], times[f"{mode}@{n}+lora"])
+                for part in ("teacher", "student"):  # where the time goes
+                    out[f"{mode}_codi_{part}_over_codi@{n}"] = ratio(times[f"{name}_{part}"], times[name])
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
                 out[f"{mode}_6_thoughts_over_plain"] = ratio(times[f"{mode}@6"], times[f"{mode}@0"])

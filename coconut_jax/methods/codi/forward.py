@@ -137,24 +137,41 @@ def distillation(student, teacher, rows):
     return jnp.where(any_row, value, 0.0), any_row.astype(jnp.float32)
 
 
-def loss_terms(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pads: bool, dropout_key=None,
-               loss_chunk: int = 0) -> dict:
-    """{"student", "teacher": (summed token loss, tokens), "distill": (the batch's value, 1)}."""
+def teacher_pass(model, params, arrays, *, dropout_key=None, loss_chunk: int = 0):
+    """The teacher's one pass (question, chain, answer; no mask, positions from 0): ((summed
+    token loss, tokens), every layer's state at the distilled token [L+1, B, E])."""
     from coconut_jax.coconut import hidden_nll
-    params = model.stack_layers(params)
-    keys = [None] * 4 if dropout_key is None else list(jax.random.split(dropout_key, 4))
     ref = arrays["ref_ids"]
     b, wt = ref.shape
-    h_t, _, taps_t = model.body(params, model.embed(params, ref), jnp.broadcast_to(jnp.arange(wt), (b, wt)),
-                                jnp.ones((b, wt), bool), dropout_key=keys[0], taps=arrays["ref_pos"])
-    teacher = hidden_nll(model, params, h_t, arrays["ref_labels"], loss_chunk)
+    h, _, taps = model.body(params, model.embed(params, ref), jnp.broadcast_to(jnp.arange(wt), (b, wt)),
+                            jnp.ones((b, wt), bool), dropout_key=dropout_key, taps=arrays["ref_pos"])
+    return hidden_nll(model, params, h, arrays["ref_labels"], loss_chunk), taps
+
+
+def student_pass(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pads: bool, dropout_key=None,
+                 loss_chunk: int = 0):
+    """The student's question + bot, its thoughts and its decoder (eot, the answer): ((summed
+    token loss, tokens), every layer's state at the distilled token [L+1, B, E])."""
+    from coconut_jax.coconut import hidden_nll
+    keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
     past, start, _ = encode(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"], n_latent,
-                            mask_pads, None if dropout_key is None else keys[1:3])
+                            mask_pads, None if dropout_key is None else keys[:2])
     dec = arrays["dec_ids"]
-    wd = dec.shape[1]
-    h_s, _, taps_s = model.body(params, model.embed(params, dec), start[:, None] + jnp.arange(wd)[None],
-                                jnp.ones((b, wd), bool), past, keys[3], taps=arrays["dec_pos"])
-    student = hidden_nll(model, params, h_s, arrays["dec_labels"], loss_chunk)
+    b, wd = dec.shape
+    h, _, taps = model.body(params, model.embed(params, dec), start[:, None] + jnp.arange(wd)[None],
+                            jnp.ones((b, wd), bool), past, keys[2], taps=arrays["dec_pos"])
+    return hidden_nll(model, params, h, arrays["dec_labels"], loss_chunk), taps
+
+
+def loss_terms(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pads: bool, dropout_key=None,
+               loss_chunk: int = 0) -> dict:
+    """{"student", "teacher": (summed token loss, tokens), "distill": (the batch's value, 1)}.
+    One teacher pass serves its loss and (detached) the distillation targets."""
+    params = model.stack_layers(params)
+    k_teacher, k_student = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    teacher, taps_t = teacher_pass(model, params, arrays, dropout_key=k_teacher, loss_chunk=loss_chunk)
+    student, taps_s = student_pass(model, params, prj, prj_params, arrays, n_latent=n_latent, mask_pads=mask_pads,
+                                   dropout_key=k_student, loss_chunk=loss_chunk)
     return {"student": student, "teacher": teacher, "distill": distillation(taps_s, taps_t, arrays["rows"])}
 
 
