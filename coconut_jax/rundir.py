@@ -14,7 +14,8 @@ The rules, in the order they apply (SPEC §7 and the reference's `run.py`):
    hand-off takes it, else the latest; or one step), a Hugging
    Face directory, or a state dict a reference implementation saved. They load first, at their own shapes; then
    the vocabulary grows by the rows the method's tokens need (`Method.add_rows`).
-   A Coconut checkpoint cannot start a method without latent tokens (as in the reference).
+   A Coconut checkpoint cannot start a method without latent tokens (as in the reference),
+   unless that method adds three rows of its own, which then take the latent rows' places.
 4. **A method's parts** (modules it adds beside the model, `methods.Part`) resume with the
    run; on a hand-off they come from the source when it holds them (a checkpoint of ours, an
    export, a reference state dict the method reads), else from their source (`model_id`'s

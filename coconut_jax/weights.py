@@ -120,9 +120,13 @@ def source_of(load_model_path: str | None) -> Source:
                       f"reference state dict (a PyTorch or safetensors file)")
 
 
-def check_method(source_method: str | None, method: str, where: str) -> None:
-    """The reference refuses to load Coconut weights into a model without latent tokens."""
-    if methods.carries_latent_tokens(source_method) and not methods.get(method).latent_tokens:
+def check_method(source_method: str | None, method: str, where: str, rows: int | None = None,
+                 planned: int | None = None) -> None:
+    """The reference refuses to load Coconut weights into a model without latent tokens. A
+    method whose own added rows take the latent rows' places (`planned`, its vocabulary after
+    `add_rows`, equal to the checkpoint's `rows`) takes them as they are."""
+    m = methods.get(method)
+    if methods.carries_latent_tokens(source_method) and not m.latent_tokens and (rows is None or rows != planned):
         raise RunDirError(f"{where}: a {source_method} checkpoint (with latent tokens) cannot be loaded into "
                           f"method {method!r}")
 
@@ -249,8 +253,9 @@ def load(source: Source, model_id: str, method: str, tok, lora_alpha: float = 32
     w = FORMATS[source.kind](source, Ask(model_id, tok, lora_alpha, tuple(p.name for p in methods.get(method).parts)))
     if w.params is None:
         return w
-    check_method(w.method, method, f"load_model_path={source.describe()}")
     pretrained_vocab = _pretrained_config(model_id).vocab_size
+    check_method(w.method, method, f"load_model_path={source.describe()}", w.params["wte"].shape[0],
+                 methods.get(method).planned_vocab(pretrained_vocab, len(tok)))
     w.config = dataclasses.replace(w.config, vocab_size=w.params["wte"].shape[0])
     w.config, w.params = methods.get(method).add_rows(w.config, w.params, tok, pretrained_vocab)
     return w

@@ -128,6 +128,8 @@ def _torch_projection(prj, p):
         for name in ("fc1", "fc2"):
             getattr(tp, name).weight.copy_(torch.tensor(np.asarray(p[name]["kernel"]).T))
             getattr(tp, name).bias.copy_(torch.tensor(np.asarray(p[name]["bias"])))
+        tp.ln.weight.copy_(torch.tensor(np.asarray(p["ln"]["scale"])))
+        tp.ln.bias.copy_(torch.tensor(np.asarray(p["ln"]["bias"])))
     return tp
 
 
@@ -386,3 +388,20 @@ def test_a_reference_checkpoint_loads_with_its_projection_and_evaluates_the_same
                                                        llama_shift=family == "llama"), K)
     np.testing.assert_allclose([float(got[k][0] / got[k][1]) for k in ("student", "teacher", "distill")],
                                [want["student"], want["teacher"], want["distill"]], rtol=1e-5)
+
+
+def test_a_coconut_checkpoint_hands_off_to_codi_but_not_to_cot(tiny_run):
+    """CODI's three added ids take the places of Coconut's three latent rows (a Coconut run's
+    CoT-stage checkpoint starts a CODI run, as on the demo's task); a method with no added rows
+    is refused, as the reference refuses it."""
+    import os
+
+    from coconut_jax import rundir, trained, weights
+    model_id = trained.run_config(tiny_run).model_id  # the run's prepared model
+    tok = hf.load_tokenizer(model_id)
+    source = weights.source_of(os.path.join(tiny_run, "checkpoints"))
+    w = weights.load(source, model_id, "codi", tok)
+    assert w.params["wte"].shape[0] == hf.load_config(model_id).vocab_size + 3 == w.config.vocab_size
+    with pytest.raises(rundir.RunDirError, match="a coconut checkpoint .with latent tokens. cannot be loaded into "
+                                                 "method 'cot'"):
+        weights.load(source, model_id, "cot", tok)

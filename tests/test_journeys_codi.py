@@ -70,12 +70,13 @@ def test_only_eval_loss_equals_the_reference_forward_on_the_runs_weights(codi_ru
     """The validation file's records in order, 4 at a time (eval_batch_size), as the reference
     batches them: student and teacher token-weighted over the set, distillation the mean of
     the per-batch values, each within 1e-5 of the PyTorch transliteration."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
     from coconut_jax import hf, trained
     from coconut_jax.data import load_records
     from tests import codi_reference
+    from tests.test_codi import _torch_projection
     root, _ = codi_run
     r = run_cli(tmp_path, *data_paths(world, "gsm"), *SMALL, "--config.only_eval=True", "--config.only_eval_loss=True",
                 f"--config.load_model_path={root}/gsm-codi/checkpoints", "--config.name=codi-eval",
@@ -85,14 +86,7 @@ def test_only_eval_loss_equals_the_reference_forward_on_the_runs_weights(codi_ru
     t = trained.from_run(str(root / "gsm-codi"), best_any_stage=True)  # what load_model_path hands off
     tm = AutoModelForCausalLM.from_pretrained(hf.export_hf(t.config, t.params, str(tmp_path / "hf"), tokenizer=t.tok),
                                               attn_implementation="eager").eval()
-    prj = t.part_args()["projection"]
-    tp = codi_reference.Projection(prj[0].width, prj[0].hidden)
-    with torch.no_grad():
-        for name in ("fc1", "fc2"):
-            getattr(tp, name).weight.copy_(torch.tensor(np.asarray(prj[1][name]["kernel"]).T))
-            getattr(tp, name).bias.copy_(torch.tensor(np.asarray(prj[1][name]["bias"])))
-        tp.ln.weight.copy_(torch.tensor(np.asarray(prj[1]["ln"]["scale"])))
-        tp.ln.bias.copy_(torch.tensor(np.asarray(prj[1]["ln"]["bias"])))
+    tp = _torch_projection(*t.part_args()["projection"])
     records = [r for r in load_records(world["gsm_valid"]) if r["answer"].split(" ")[-1][0].isdigit()]  # its filter
     sums = {"student": 0.0, "teacher": 0.0, "s_n": 0, "t_n": 0, "distill": []}
     for s in range(0, len(records), 4):
