@@ -211,3 +211,23 @@ def test_codi_on_8_devices_in_bf16_matches_one_device(world, tmp_path):
     for a, b in steps:
         for k in ("train/student", "train/teacher"):
             assert abs(a[k] - b[k]) < 2e-2 * abs(a[k]), (k, a[k], b[k])
+
+
+def test_codi_in_two_processes_logs_what_one_process_logs(codi_run, world, tmp_path):
+    """The same run in two processes (one device each, the batch split between them) logs the
+    one-process run's losses and answers."""
+    from tests.conftest import free_port
+    port = free_port()
+    procs = [run_cli(tmp_path, *data_paths(world, "gsm"), *CODI, f"--config.coordinator_address=127.0.0.1:{port}",
+                     "--config.num_processes=2", f"--config.process_id={i}", config="configs/gsm_codi.py",
+                     popen=True, capture=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    root, _ = codi_run
+    one, two = (read_metrics(r / "gsm-codi" / "metrics.jsonl") for r in (root, tmp_path))
+    assert [sorted(e) for e in one] == [sorted(e) for e in two]
+    for a, b in zip(one, two):
+        for k, v in a.items():
+            if k.startswith(("train/", "eval/")) and k != "train/tokens_per_s":
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (a["step"], k)
