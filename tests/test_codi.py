@@ -66,6 +66,13 @@ def jnp_arrays(b):
     return {k: jnp.asarray(v) for k, v in b.arrays().items()}
 
 
+def terms(method, model, params, prj, prj_params, b):
+    """The batch's terms as evaluation computes them (`steps.eval_loss_terms`, jitted)."""
+    from coconut_jax import steps
+    return steps.eval_loss_terms(model, params, jnp_arrays(b), method=method, prefix_len=0, n_latent=K,
+                                 parts={"projection": prj_params}, part_models=(("projection", prj),))
+
+
 # -- the sequences ----------------------------------------------------------------------------------
 
 def test_a_record_becomes_teacher_encoder_and_decoder_sequences(family_dir):
@@ -156,8 +163,7 @@ def test_terms_equal_the_reference_forward(family_dir, tmp_path):
             want = codi_reference.terms(tm, _torch_projection(prj, pp),
                                         codi_reference.prepare(rows, tok, tokens.vocab, llama_shift=family == "llama"),
                                         K)
-            got = method.loss_terms(model, params, jnp_arrays(b), prefix_len=0, n_latent=K,
-                                    parts={"projection": (prj, pp)})
+            got = terms(method, model, params, prj, pp, b)
             (s, ns), (t, nt), (d, nd) = (tuple(float(x) for x in got[k]) for k in ("student", "teacher", "distill"))
             assert (ns, nt, nd) == (want["student_tokens"], want["teacher_tokens"], 1.0)
             np.testing.assert_allclose([s / ns, t / nt, d], [want["student"], want["teacher"], want["distill"]],
@@ -173,9 +179,7 @@ def test_masked_pads_make_a_row_independent_of_its_batch(family_dir):
         method, tok, tokens, config, model, params, prj, pp = setup(model_dir, mask_pads=mask_pads)
 
         def student(b):
-            s, _ = method.loss_terms(model, params, jnp_arrays(b), prefix_len=0, n_latent=K,
-                                     parts={"projection": (prj, pp)})["student"]
-            return float(s)
+            return float(terms(method, model, params, prj, pp, b)["student"][0])
         (whole,) = batches(method, tok, tokens, kept, 3)
         alone = sum(student(b) for b in batches(method, tok, tokens, kept, 1))
         if mask_pads:
@@ -196,8 +200,8 @@ def test_gradients_equal_the_reference_autograd(family_dir, tmp_path):
     arrays = jnp_arrays(b)
 
     def objective(p):
-        terms = method.loss_terms(model, params, arrays, prefix_len=0, n_latent=K, parts={"projection": (prj, p)})
-        return sum(terms[k][0] / terms[k][1] for k in ("student", "teacher", "distill"))
+        got = method.loss_terms(model, params, arrays, prefix_len=0, n_latent=K, parts={"projection": (prj, p)})
+        return sum(got[k][0] / got[k][1] for k in ("student", "teacher", "distill"))
     grads = jax.grad(objective)(jax.tree.map(jnp.asarray, pp))
     tp = _torch_projection(prj, pp)
     tb = codi_reference.prepare(RECORDS[:3], tok, tokens.vocab, llama_shift=family == "llama")
@@ -381,8 +385,7 @@ def test_a_reference_checkpoint_loads_with_its_projection_and_evaluates_the_same
     model = models.build(w.config, fused_attention=False)
     tokens = method.special_tokens(tok, config.vocab_size)
     (b,) = batches(method, tok, tokens, RECORDS[:3], 3)
-    got = method.loss_terms(model, w.params, jnp_arrays(b), prefix_len=0, n_latent=K,
-                            parts={"projection": (prj, w.parts["projection"])})
+    got = terms(method, model, w.params, prj, w.parts["projection"], b)
     want = codi_reference.terms(module.codi, module.prj,
                                 codi_reference.prepare(RECORDS[:3], tok, config.vocab_size,
                                                        llama_shift=family == "llama"), K)
