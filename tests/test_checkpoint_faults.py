@@ -100,14 +100,16 @@ def test_a_damaged_step_is_moved_aside_and_the_one_before_restores(saved, state,
 
 @pytest.mark.slow
 def test_every_flipped_data_byte_is_found_or_harmless(saved, state, tmp_path):
-    """One flipped byte (a quarter, half and three quarters into each data file, in turn): the
+    """One flipped byte (a tenth, two tenths, ... nine tenths into each data file, in turn): the
     step is moved aside (Orbax's decoding or our checksums), or it restores exactly what was
     saved; never other values. Orbax alone restores some flips silently with wrong values: the
-    checksums catch those, in the params and in the optimizer's moments."""
+    checksums catch those, in the params and in the optimizer's moments. (Which arrays a data
+    file holds, in which order, depends on the writes' timing: with three flips per file a busy
+    machine once left no params flip among those only the checksums catch.)"""
     caught = []
     data_files = sorted(os.path.relpath(p, saved) for p in glob.glob(f"{saved}/8/state/**/d/*", recursive=True))
     assert data_files
-    for i, (rel, at) in enumerate((rel, at) for rel in data_files for at in (0.25, 0.5, 0.75)):
+    for i, (rel, at) in enumerate((rel, at) for rel in data_files for at in np.arange(1, 10) / 10):
         d = _copy(saved, tmp_path / str(i))
         path = os.path.join(d, rel)
         b = bytearray(open(path, "rb").read())
