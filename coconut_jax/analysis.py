@@ -65,22 +65,10 @@ def decode_thoughts(model, params, states: np.ndarray, tokenizer, top_k: int = 5
 def decode_steps(model, params, decoder, decoder_params, states: np.ndarray, c: int, eos: int,
                  max_tokens: int = 40) -> list[list[int]]:
     """The step decoder's greedy tokens (eos excluded) from each group of `c` thoughts, as in
-    training: the group's thoughts, then each token written embedded by the base (position ids
-    from 1). One full pass per token: a few short sequences."""
-    out = []
-    for t in range(len(states) // c):
-        x = jnp.asarray(states[c * t:c * t + c], decoder.dtype)[None]
-        written = []
-        for _ in range(max_tokens):
-            pos = jnp.arange(1, x.shape[1] + 1)[None]
-            h, _ = decoder.body(decoder_params, x, pos, jnp.ones_like(pos))
-            nxt = int(jnp.argmax(decoder.logits(decoder_params, h[:, -1])[0]))
-            if nxt == eos:
-                break
-            written.append(nxt)
-            x = jnp.concatenate([x, model.embed(params, jnp.array([[nxt]])).astype(decoder.dtype)], axis=1)
-        out.append(written)
-    return out
+    Coconut's training (position ids from 1; `step_decoder.decode`)."""
+    from coconut_jax.methods import step_decoder
+    groups = np.asarray(states)[:len(states) // c * c].reshape(-1, c, states.shape[-1])
+    return step_decoder.decode(model, params, decoder, decoder_params, groups, eos, 1, max_tokens)
 
 
 def replaced_steps(run, ex, stage: int) -> list[list[int]]:
@@ -200,11 +188,20 @@ def report_steps(run, question: int, max_k: int | None) -> list[dict]:
     step decoder writes from it beside the step those thoughts replaced."""
     from coconut_jax.config import ConfigError
     decoder = dict(run.state.part_models).get("decoder")
-    if decoder is None or run.plan_settings.step_targets is None:
+    if decoder is None or run.cur.spec.step_decoding is None:
         raise ConfigError(f"--decode-steps: method={run.c.method!r} has no step decoder (method=simcot has one)")
+    spec, ex = run.cur.spec, run.val_examples[question]
+    own = spec.written_steps(run.model, run.params, {**inference_parts(run), "decoder": (decoder,
+                             run.state.parts["decoder"])}, ex, run.tokens)
+    if own is not None:  # the method pairs its thoughts with its steps itself
+        print(f"question {question}: steps written by the decoder from each thought")
+        rows = []
+        for t, (got, want) in enumerate(own):
+            rows.append({"group": t + 1, "decoded": run.tok.decode(got), "replaced": run.tok.decode(want)})
+            print(f"thought {t + 1}: {rows[-1]['decoded']!r}   replaced: {rows[-1]['replaced']!r}")
+        return rows
     cur, tokens, tok = run.cur, run.tokens, run.tok
     stage = cur.max_latent_stage + 1 if max_k is None else max_k
-    ex = run.val_examples[question]
     prompt = data.eval_prompt(ex, stage, cur, tokens)
     states = thoughts(run.model, run.params, prompt, tokens)
     c = cur.thoughts_per_step

@@ -91,11 +91,15 @@ def base_config() -> ml_collections.ConfigDict:
     # with train_embeddings, the whole embedding and head. Defaults: alpha 32, dropout 0.1.
     c.lora = ml_collections.ConfigDict({"rank": 0, "alpha": 32.0, "dropout": 0.1, "targets": (),
                                         "train_embeddings": False})
-    # Each method's own settings, `--config.<method>.<key>` (the `settings` of its record in
-    # coconut_jax/methods/; read only when that method runs).
+    # The methods' own settings, `--config.<block>.<key>` (the `settings` of their records in
+    # coconut_jax/methods/; read only when a method that has them runs).
     for method in methods.REGISTRY.values():
-        if method.settings:
-            c[method.name] = ml_collections.ConfigDict(dict(method.settings))
+        for key, value in method.settings:
+            block, name = key.split(".", 1)
+            if block not in c:
+                c[block] = ml_collections.ConfigDict()
+            if name not in c[block]:
+                c[block][name] = value
     # Offline dataset/model preparation (the demo): kind "" (none) or "synthetic_prosqa". The data,
     # like the initial weights and the order, follow `seed`.
     c.prepare = ml_collections.ConfigDict({
@@ -113,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
 def method_of(c) -> methods.Method:
     """The run's method record, configured with its own settings block (`Method.configure`)."""
     method = methods.get(c.method)
-    return method.configure(c[method.name].to_dict()) if method.settings else method
+    return method.configure(method.values_from(c))
 
 
 def small_model_on_cpu(c) -> None:
@@ -159,7 +163,7 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     need(c.wandb_mode in ("online", "offline", "disabled"), f"wandb_mode={c.wandb_mode!r} must be online, offline or disabled")
     if method.settings:
         try:
-            method = method.configure(c[method.name].to_dict())
+            method = method.configure(method.values_from(c))
         except ValueError as e:
             raise ConfigError(f"config: {e}") from None
     from coconut_jax import optimizer

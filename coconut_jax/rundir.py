@@ -68,8 +68,7 @@ def identity(c) -> dict:
         fields += ("tfds_data_dir",)  # only then: the records of runs on files do not change
     if methods.get(c.method).step_targets:
         fields += ("step_groups",)  # only then: runs of other methods keep the identity they had
-    if methods.get(c.method).settings:
-        fields += (c.method,)  # the method's own settings block
+    fields += methods.get(c.method).blocks()  # the method's own settings blocks
     ident = {"only_eval": bool(c.only_eval), **{f: _plain(_path_field(c, f)) for f in fields}}
     if c.lora.rank and not c.only_eval:  # only then, likewise
         ident["lora"] = {f: _plain(c.lora[f]) for f in LORA_FIELDS}

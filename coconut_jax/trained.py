@@ -116,9 +116,7 @@ def prompt_settings(c) -> dict:
     """What a run's prompts depend on (PROMPT_FIELDS, the method's own settings block, the
     pretrained vocabulary its added ids follow)."""
     from coconut_jax import hf
-    out = {f: c[f] for f in PROMPT_FIELDS}
-    if methods.get(c.method).settings:
-        out[c.method] = c[c.method].to_dict()
+    out = {f: c[f] for f in PROMPT_FIELDS} | {b: c[b].to_dict() for b in methods.get(c.method).blocks()}
     return out | {"pretrained_vocab": hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size}
 
 

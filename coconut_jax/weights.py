@@ -61,11 +61,12 @@ class Source:
 @dataclasses.dataclass(frozen=True)
 class Ask:
     """What a format is asked for: the run's model_id (its config.json is the family), the
-    tokenizer, the alpha a reference's PEFT adapters merge at, and the parts the method has."""
+    tokenizer, the alpha a reference's PEFT adapters merge at, the method run and its parts."""
     model_id: str
     tok: object
     lora_alpha: float = 32.0
     parts: tuple[str, ...] = ()
+    method: str | None = None
 
 
 @dataclasses.dataclass
@@ -177,17 +178,18 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     return hf.read_safetensors(path) if path.endswith(".safetensors") else hf.torch_load(path)
 
 
-def import_reference_state_dict(sd: dict, config, source: str, lora_alpha: float = 32.0):
+def import_reference_state_dict(sd: dict, config, source: str, lora_alpha: float = 32.0, method: str | None = None):
     """A reference implementation's state dict -> (params, parts, the method it names or None).
 
     A method that recognises its reference's layout (`Method.import_state_dict`) gives the
     model's keys and its parts; PEFT-wrapped keys (`base_model.model.*`, adapters `lora_A` /
     `lora_B`) are merged at `lora_alpha`. Otherwise the Coconut reference's: the model's own
     keys, prefixed `base_causallm.` by its Coconut runs (method "coconut"). The vocabulary size
-    is the checkpoint's."""
+    is the checkpoint's. `method`: the run's, asked first (a variant reads more of a layout)."""
     from coconut_jax import models, peft_format
-    parts, method = {}, None
-    for m in methods.REGISTRY.values():
+    parts, asked = {}, [methods.get(method)] if method else []
+    method = None
+    for m in asked + [m for m in methods.REGISTRY.values() if m not in asked]:
         found = m.import_state_dict(sd)
         if found is not None:
             sd, parts, method = *found, m.name
@@ -209,7 +211,7 @@ def import_reference_state_dict(sd: dict, config, source: str, lora_alpha: float
 def _from_reference(source: Source, ask: Ask) -> Weights:
     config = _pretrained_config(ask.model_id)
     params, parts, method = import_reference_state_dict(read_state_dict(source.path), config, source.path,
-                                                        ask.lora_alpha)
+                                                        ask.lora_alpha, ask.method)
     return Weights(config, params, parts, method)
 
 
@@ -250,7 +252,8 @@ def load(source: Source, model_id: str, method: str, tok, lora_alpha: float = 32
     """The weights a run of `method` on `model_id` starts from (rule 3), at the shapes the
     method needs: the source's, then the method's rows (`Method.add_rows`). A resume gives
     the shapes alone."""
-    w = FORMATS[source.kind](source, Ask(model_id, tok, lora_alpha, tuple(p.name for p in methods.get(method).parts)))
+    w = FORMATS[source.kind](source, Ask(model_id, tok, lora_alpha, tuple(p.name for p in methods.get(method).parts),
+                                         method))
     if w.params is None:
         return w
     pretrained_vocab = _pretrained_config(model_id).vocab_size
@@ -274,8 +277,14 @@ def part_weights(source: Source, method: str, model_id: str, held: dict) -> dict
         elif source.kind == "resume":
             out[part.name] = (_pretrained_config(model_id), None)
         elif part.name in held:
-            out[part.name] = (dataclasses.replace(_pretrained_config(model_id),
-                                                  vocab_size=held[part.name]["wte"].shape[0]), held[part.name])
+            params = held[part.name]
+            config = _pretrained_config(model_id)
+            if isinstance(params, methods.base.HFStateDict):  # a reference's saved part, at its own vocabulary
+                names = hf.naming(config)
+                wte = next(v for k, v in params.items() if k.endswith(names.tensors[0].name))
+                config = dataclasses.replace(config, vocab_size=wte.shape[0])
+                params = hf.state_dict_to_params(dict(params), config, f"part {part.name!r}")
+            out[part.name] = (dataclasses.replace(config, vocab_size=params["wte"].shape[0]), params)
         else:
             out[part.name] = hf.load_pretrained(model_id)
     return out

@@ -66,20 +66,22 @@ class Projection(torch.nn.Module):
         return self.ln(self.fc2(F.gelu(self.fc1(x))))
 
 
-def terms(model, prj, b: dict, num_latent: int, grad: bool = False) -> dict:
+def terms(model, prj, b: dict, num_latent: int, grad: bool = False, step_decoder=None) -> dict:
     """(student CE, teacher CE, distillation) of one batch (model.py 262-409), floats, or
-    tensors to differentiate with `grad`."""
+    tensors to differentiate with `grad`. `step_decoder`: (decoder, its step groups per row
+    (`get_steps`), pad, reference_lengths) adds SIM-CoT's explain loss on z1..z_{K+1}."""
     rows = torch.arange(b["enc"].shape[0])
     with contextlib.nullcontext() if grad else torch.no_grad():
         o = model(input_ids=b["enc"], attention_mask=b["enc_mask"], use_cache=True, output_hidden_states=True)
         kv = o.past_key_values
         z = prj(o.hidden_states[-1][:, -1:])
+        zs = [z[:, 0]]
         t = model(input_ids=b["ref"], output_hidden_states=True)
         for i in range(num_latent):
             o = model(inputs_embeds=z, cache=kv, use_cache=True, output_hidden_states=True)
             kv = o.past_key_values
-            if i + 1 < num_latent:
-                z = prj(o.hidden_states[-1][:, -1:])
+            z = prj(o.hidden_states[-1][:, -1:])  # z_{i+2}; the last (z_{K+1}) only the step decoder reads
+            zs.append(z[:, 0])
         s = model(inputs_embeds=model.get_input_embeddings()(b["dec"]), cache=kv, output_hidden_states=True)
         student = F.cross_entropy(s.logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
         teacher = F.cross_entropy(t.logits[:, :-1].flatten(0, 1), b["ref_labels"][:, 1:].flatten(), ignore_index=-100)
@@ -88,8 +90,66 @@ def terms(model, prj, b: dict, num_latent: int, grad: bool = False) -> dict:
             tl, sl = ht[rows, b["p_t"]], hs[rows, b["p_s"]]
             layers.append(F.smooth_l1_loss(sl, tl.detach()) / tl.std())
         distill = sum(layers) / len(layers)
+        steps = None
+        if step_decoder is not None:
+            decoder, groups, pad, reference_lengths = step_decoder
+            steps = explain_loss(decoder, model.get_input_embeddings(), zs, groups, pad, reference_lengths)
     if grad:
-        return {"student": student, "teacher": teacher, "distill": distill}
+        return {"student": student, "teacher": teacher, "distill": distill, **({"steps": steps} if steps is not None
+                                                                                  else {})}
     return {"student": float(student), "teacher": float(teacher), "distill": float(distill),
+            **({"steps": float(steps)} if steps is not None else {}),
             "student_tokens": int((b["labels"][:, 1:] != -100).sum()),
             "teacher_tokens": int((b["ref_labels"][:, 1:] != -100).sum())}
+
+
+# -- SIM-CoT's step decoder on CODI (SIM-CoT's CODI/src/model.py: get_steps, pad_steps, the explain loss) --
+
+def get_steps(ref_row: list[int], opens, close: int, eot: int, stops, n_groups: int) -> list[list[int]]:
+    """A teacher row's step groups: cut at the first stop id, scan `<<`...`>>` (+ eot), the
+    first n_groups - 1 kept and the rest joined into the last with one eot, empty groups as
+    `[pad]` left to the caller."""
+    for i, t in enumerate(ref_row):
+        if t in stops:
+            ref_row = ref_row[:i]
+            break
+    steps, i = [], 0
+    while i < len(ref_row):
+        if ref_row[i] in opens:
+            j = i + 1
+            while j < len(ref_row) and ref_row[j] != close:
+                j += 1
+            if j < len(ref_row):
+                steps.append(ref_row[i:j + 1] + [eot])
+            i = j + 1
+        else:
+            i += 1
+    if len(steps) > n_groups:
+        steps = steps[:n_groups - 1] + [[t for s in steps[n_groups - 1:] for t in s[:-1]] + [eot]]
+    return steps
+
+
+def explain_loss(decoder, base_embed, thoughts, groups, pad: int, reference_lengths: bool = False):
+    """L_exp of one batch: per group t with targets, the token-mean CE of the decoder writing
+    group t from thought t ([u ; E_base(X_t)], positions from 0, labels the step's ids); the
+    mean over the groups with targets. `thoughts` [G] of [B, D] tensors; `groups` per row
+    lists. `reference_lengths`: row 0 sets each group's length (the reference's quirk)."""
+    b, n = len(groups), len(thoughts)
+    longest = max([len(g) for gs in groups for g in gs] + [1])
+    total, used = 0.0, 0
+    for t in range(n):
+        rows = [gs[t] if t < len(gs) else [pad] for gs in groups]
+        width = longest
+        if reference_lengths:
+            width = min(len(groups[0][t]) + 1, longest) if t < len(groups[0]) else 1
+        x = torch.tensor([(r + [pad] * longest)[:width] for r in rows])
+        labels = torch.where(x == pad, torch.tensor(-100), x)
+        if not (labels != -100).any():
+            continue
+        inputs = torch.cat([thoughts[t][:, None], base_embed(x)], dim=1)
+        mask = torch.cat([torch.ones(b, 1, dtype=torch.long), (x != pad).long()], dim=1)
+        logits = decoder(inputs_embeds=inputs, attention_mask=mask).logits
+        full = torch.cat([torch.full((b, 1), -100), labels], dim=1)
+        total = total + F.cross_entropy(logits[:, :-1].flatten(0, 1), full[:, 1:].flatten(), ignore_index=-100)
+        used += 1
+    return total / max(1, used)

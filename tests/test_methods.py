@@ -14,10 +14,10 @@ REFERENCE = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
 
 
 def test_registry_holds_the_reference_methods_in_order_then_the_others():
-    assert methods.NAMES == REFERENCE + ("codi", "simcot")
+    assert methods.NAMES == REFERENCE + ("codi", "codi_simcot", "simcot")
     assert all(methods.get(n).name == n for n in methods.NAMES)
     with pytest.raises(ValueError, match="method 'latent' is not one of coconut, cot, no_thoughts, no_cot, "
-                                         "pause_as_thought, codi, simcot"):
+                                         "pause_as_thought, codi, codi_simcot, simcot"):
         methods.get("latent")
 
 

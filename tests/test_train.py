@@ -293,7 +293,7 @@ def _cli_config_error(*overrides):
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--config.method=latent",), "error: config: method='latent' is not one of coconut, cot, no_thoughts, no_cot, pause_as_thought, codi, simcot"),
+    (("--config.method=latent",), "error: config: method='latent' is not one of coconut, cot, no_thoughts, no_cot, pause_as_thought, codi, codi_simcot, simcot"),
     (("--config.prepare.n_embdd=64",), "error: config: unknown field --config.prepare.n_embdd; did you mean --config.prepare.n_embd?"),
     (("--config.lrr=0.1",), "error: config: unknown field --config.lrr; did you mean --config.lr?"),
     (("--config.lr=fast",), "error: config: flag --config.lr=fast: could not convert string to float"),

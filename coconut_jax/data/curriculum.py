@@ -34,11 +34,10 @@ class Curriculum:
     @classmethod
     def from_config(cls, c) -> "Curriculum":
         """A run config's curriculum (a ConfigDict, or run.json's dict of it)."""
-        block = c.get(c["method"]) if methods.get(c["method"]).settings else None
-        block = block.to_dict() if hasattr(block, "to_dict") else (block or {})
+        values = methods.get(c["method"]).values_from(c)
         return cls(c["method"], c["c_thought"], c["max_latent_stage"], c["epochs_per_stage"], c["pad_latent_to_max"],
                    c.get("uniform_prob", 0.0), tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                            for k, v in block.items())))
+                                                            for k, v in values.items())))
 
     @functools.cached_property
     def spec(self) -> methods.Method:

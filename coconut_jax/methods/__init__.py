@@ -50,8 +50,9 @@ _REFERENCE = ("coconut", "cot", "no_thoughts", "no_cot", "pause_as_thought")
 _OTHERS = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _REFERENCE + ("base",))
 REGISTRY: dict[str, Method] = {}
 for _name in _REFERENCE + tuple(_OTHERS):
-    _method = importlib.import_module(f"coconut_jax.methods.{_name}").METHOD
-    REGISTRY[_method.name] = _method
+    _method = getattr(importlib.import_module(f"coconut_jax.methods.{_name}"), "METHOD", None)
+    if _method is not None:  # a module without one is a piece methods share (step_decoder)
+        REGISTRY[_method.name] = _method
 NAMES = tuple(REGISTRY)
 
 

@@ -12,6 +12,11 @@ def _plain(v):
     return tuple(v) if isinstance(v, list) else v
 
 
+class HFStateDict(dict):
+    """A part's weights as a Hugging Face model's state dict (a reference's saved decoder), for
+    coconut_jax.weights to read at the part's own config."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     """A module a method adds beside the model, with parameters of its own: created when a run
@@ -57,9 +62,12 @@ class Method:
     step_targets: batches carry each row's step targets (`data.step_targets`: `step_ids`,
         `step_mask` [rows, groups, length]), what each group of thoughts replaced, parsed by the
         config's `step_groups` rule.
-    settings: the method's own settings and their defaults, the config block
-        `--config.<name>.<key>` (validated with the rest of the config, part of the run's
-        identity, unknown keys refused); `configure` returns the record with a run's values.
+    settings: the method's own settings and their defaults, as ("block.key", default): the
+        config blocks `--config.<block>.<key>` (validated with the rest of the config, part of the
+        run's identity, unknown keys refused); two methods may share a block (a variant reads its
+        base method's); `configure` returns the record with a run's values.
+    step_decoding: a step decoder attached to the method (`methods.step_decoder.StepDecoding`:
+        the part "decoder" writes out, from the thoughts, the steps they replaced); None: none.
     loss_per_batch: a term of the loss is normalised per batch (not per token), so the
         validation loss is taken in batches of `eval_batch_size` rows, the file's records in
         order, as the reference forms them.
@@ -78,21 +86,45 @@ class Method:
     settings: tuple[tuple[str, object], ...] = ()
     loss_per_batch: bool = False
     format_key: str = ""  # a method with its own text format names it (token caches key on it)
+    step_decoding: object = None
 
     # -- a method's own settings ---------------------------------------------------------------
+    def blocks(self) -> tuple[str, ...]:
+        """The config blocks the method's settings live in, in order."""
+        return tuple(dict.fromkeys(k.split(".")[0] for k, _ in self.settings))
+
+    def values_from(self, c) -> dict:
+        """{"block.key": value} of the method's settings in a config (a ConfigDict, or run.json's
+        dict of it); a block the config lacks leaves the defaults."""
+        out = {}
+        for block in self.blocks():
+            values = c.get(block) if hasattr(c, "get") else None
+            values = values.to_dict() if hasattr(values, "to_dict") else (values or {})
+            out.update({f"{block}.{k}": v for k, v in values.items()})
+        return out
+
     def configure(self, values: dict | None) -> "Method":
-        """The record with a run's values of `settings` (a key it does not have: ValueError)."""
+        """The record with a run's values of `settings` ({"block.key" or "key": value}; a key it
+        does not have: ValueError)."""
         if not values:
             return self
         known = dict(self.settings)
-        unknown = sorted(set(values) - set(known))
+        full = {self._key(k): v for k, v in values.items()}
+        unknown = sorted(set(full) - set(known))
         if unknown:
             raise ValueError(f"method {self.name!r} has no setting {unknown[0]!r} (its settings: "
                              f"{', '.join(known) or 'none'})")
-        return dataclasses.replace(self, settings=tuple((k, _plain(values.get(k, v))) for k, v in self.settings))
+        return dataclasses.replace(self, settings=tuple((k, _plain(full.get(k, v))) for k, v in self.settings))
+
+    def _key(self, key: str) -> str:
+        """A setting's "block.key" from itself or its key alone (when one block has it)."""
+        if "." in key:
+            return key
+        hits = [k for k, _ in self.settings if k.split(".", 1)[1] == key]
+        return hits[0] if len(hits) == 1 else key
 
     def setting(self, key: str):
-        return dict(self.settings)[key]
+        return dict(self.settings)[self._key(key)]
 
     # -- what a run's data is, for this method (defaults: Coconut's text and batches) -----------
     def tokenize(self, records, tokenizer, source: str):
@@ -185,6 +217,12 @@ class Method:
         return coconut.generate.lower(model, params, arrays, np.int32(0), prefix_len=prompt // 2 if n_latent else 0,
                                       n_latent=n_latent, max_new_tokens=max_new_tokens,
                                       feedback=self.feedback).compile()
+
+    def written_steps(self, model, params, parts, example, tokens):
+        """[(decoded tokens, the step's tokens), ...] of a question's thoughts through the step
+        decoder, when the method pairs thoughts and steps itself; None: Coconut's pairing
+        (`analysis.report_steps`)."""
+        return None
 
     def max_new_tokens(self) -> int | None:
         """The method's own default generation length (None: the reference Coconut's rule)."""

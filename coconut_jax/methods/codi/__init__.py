@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from coconut_jax.methods.base import Method, Part
+from coconut_jax.methods.base import HFStateDict, Method, Part
 
 # The text and batches (codi/data.py) import the data pipeline, which imports this registry:
 # read them when a method function runs, not when the registry is built.
@@ -31,15 +31,15 @@ def _data():
     return data
 
 SETTINGS = (
-    ("num_latent", 6),             # continuous thoughts, in training and at evaluation
-    ("prj_dim", 0),                # the projection's hidden width (0: the model's width, both recipes' choice)
-    ("prj_norm", True),            # the projection ends with a LayerNorm
-    ("distill_factor", 1.0),       # the distillation term's weight (the Llama recipe: 20)
-    ("teacher_factor", 1.0),       # the teacher's token loss weight (the reference's ref_loss_factor)
-    ("include_last_cot", False),   # the teacher reads the chain's last step too (the reference drops it)
-    ("max_token_num", 1000),       # records longer (question + steps + answer, in tokens) do not train
-    ("mask_pads", False),          # our fix: mask the student's left pads and start positions after them
-    ("answers", "number"),         # "number": GSM8K's (the last word, numeric answers train, the last number
+    ("codi.num_latent", 6),             # continuous thoughts, in training and at evaluation
+    ("codi.prj_dim", 0),                # the projection's hidden width (0: the model's width, both recipes' choice)
+    ("codi.prj_norm", True),            # the projection ends with a LayerNorm
+    ("codi.distill_factor", 1.0),       # the distillation term's weight (the Llama recipe: 20)
+    ("codi.teacher_factor", 1.0),       # the teacher's token loss weight (the reference's ref_loss_factor)
+    ("codi.include_last_cot", False),   # the teacher reads the chain's last step too (the reference drops it)
+    ("codi.max_token_num", 1000),       # records longer (question + steps + answer, in tokens) do not train
+    ("codi.mask_pads", False),          # our fix: mask the student's left pads and start positions after them
+    ("codi.answers", "number"),         # "number": GSM8K's (the last word, numeric answers train, the last number
                                    # scores); "text": the whole answer, scored by its text (ProsQA, ProntoQA)
 )
 
@@ -72,13 +72,16 @@ def score(text: str, gold: str, answers: str) -> tuple[str, bool]:
 class Codi(Method):
     def configure(self, values):
         m = super().configure(values)
-        s = dict(m.settings)
+        s = {k.split(".", 1)[1]: v for k, v in m.settings}
+        steps = (("steps", 1.0),) if m.step_decoding is not None else ()
         return dataclasses.replace(
-            m, loss=(("student", 1.0), ("teacher", float(s["teacher_factor"])), ("distill", float(s["distill_factor"]))),
-            format_key=f"codi:last={bool(s['include_last_cot'])}:max={int(s['max_token_num'])}:answers={s['answers']}")
+            m, loss=(("student", 1.0), ("teacher", float(s["teacher_factor"])), ("distill", float(s["distill_factor"])))
+            + steps, format_key=f"codi:last={bool(s['include_last_cot'])}:max={int(s['max_token_num'])}:"
+                                f"answers={s['answers']}")
 
     def config_errors(self, c) -> list[str]:
-        s = dict(self.configure(c[self.name].to_dict()).settings)
+        m = self.configure(self.values_from(c))
+        s = {k.split(".", 1)[1]: v for k, v in m.settings}
         out = []
         if s["num_latent"] < 1:  # the reference crashes on 0 (SPEC-CODI §7 item 11)
             out.append(f"{self.name}.num_latent={s['num_latent']} must be >= 1")
@@ -94,9 +97,8 @@ class Codi(Method):
 
     # -- text and batches ---------------------------------------------------------------------
     def tokenize(self, records, tokenizer, source):
-        s = dict(self.settings)
-        return _data().tokenize(records, tokenizer, source, bool(s["include_last_cot"]), int(s["max_token_num"]),
-                                  s["answers"])
+        return _data().tokenize(records, tokenizer, source, bool(self.setting("include_last_cot")),
+                                int(self.setting("max_token_num")), self.setting("answers"))
 
     def training_records(self, examples) -> int:
         ts = _data().TokenizedSet.from_examples(examples)
@@ -107,12 +109,14 @@ class Codi(Method):
     def import_state_dict(self, state_dict):
         """The reference's saved CODI module: the model under `codi.` (`codi.base_model.model.*`
         with its PEFT adapters), the projection under `prj.` (nn.Sequential: 1 and 3 the two
-        Linear layers, `ln` the LayerNorm)."""
+        Linear layers, `ln` the LayerNorm); with a step decoder, SIM-CoT's variant's `decoder.*`
+        (a Hugging Face model's state dict)."""
         if not any(k.startswith("codi.") for k in state_dict):
             return None
         model = {k[len("codi."):]: v for k, v in state_dict.items() if k.startswith("codi.")}
         prj = {k[len("prj."):]: np.asarray(v, np.float32) for k, v in state_dict.items() if k.startswith("prj.")}
-        parts = {}
+        decoder = {k[len("decoder."):]: v for k, v in state_dict.items() if k.startswith("decoder.")}
+        parts = {"decoder": HFStateDict(decoder)} if decoder and self.step_decoding is not None else {}
         if prj:
             parts["projection"] = {"fc1": {"kernel": prj["1.weight"].T, "bias": prj["1.bias"]},
                                    "fc2": {"kernel": prj["3.weight"].T, "bias": prj["3.bias"]}}
@@ -121,7 +125,7 @@ class Codi(Method):
         return model, parts
 
     def special_tokens(self, tok, vocab_size):
-        return _data().Tokens(vocab_size, tok.eos_token_id)
+        return _data().Tokens(vocab_size, tok.eos_token_id, *_data().step_ids(tok))
 
     def add_rows(self, config, params, tok, pretrained_vocab):
         """pad, bot and eot after the pretrained rows (a checkpoint that has them is unchanged),
@@ -144,8 +148,11 @@ class Codi(Method):
         return pretrained_vocab + 3
 
     def epoch_plan(self, examples, cur, tokens, stage, epoch, settings, shuffle=True, static_shapes=None):
-        return _data().Plan(examples, tokens, int(self.setting("num_latent")), settings, epoch, shuffle,
-                              static_shapes, exact_encoder=not self.setting("mask_pads"))
+        k = int(self.setting("num_latent"))
+        decoder = self.step_decoding is not None  # a group per thought, z1..z_{K+1}
+        return _data().Plan(examples, tokens, k, settings, epoch, shuffle, static_shapes,
+                            exact_encoder=not self.setting("mask_pads"), step_groups=k + 1 if decoder else 0,
+                            reference_lengths=decoder and bool(self.setting("reference_lengths")))
 
     # -- the model's side ---------------------------------------------------------------------
     def part_module(self, part, model_config):
@@ -157,27 +164,32 @@ class Codi(Method):
         import jax.numpy as jnp
 
         from coconut_jax import coconut
+        per_batch = (jnp.sum(arrays["rows"]) > 0).astype(jnp.float32)
         return {"student": coconut.label_count(arrays["dec_labels"]),
-                "teacher": coconut.label_count(arrays["ref_labels"]),
-                "distill": (jnp.sum(arrays["rows"]) > 0).astype(jnp.float32)}
+                "teacher": coconut.label_count(arrays["ref_labels"]), "distill": per_batch,
+                **({"steps": per_batch} if self.step_decoding is not None else {})}
 
     def loss_terms(self, model, params, arrays, *, prefix_len, n_latent, dropout_key=None, loss_chunk=0,
                    parts=None):
         from coconut_jax.methods.codi import forward
         prj, prj_params = parts["projection"]
+        steps = None if self.step_decoding is None else (*parts["decoder"], self.step_decoding)
         return forward.loss_terms(model, params, prj, prj_params, arrays, n_latent=n_latent,
                                   mask_pads=bool(self.setting("mask_pads")), dropout_key=dropout_key,
-                                  loss_chunk=loss_chunk)
+                                  loss_chunk=loss_chunk, steps=steps)
 
     def plan_batch(self, cur, stage, rows, length, step_length):
         """The planned shapes: the teacher `length` tokens, the student's question + bot half of
         it, its eot + answer an eighth (at least 8)."""
         enc, dec = max(length // 2, 2), max(length // 8, 8)
         i32 = np.int32
+        k = int(self.setting("num_latent"))
         shapes = {"ref_ids": ((rows, length), i32), "ref_labels": ((rows, length), i32), "ref_pos": ((rows,), i32),
                   "enc_ids": ((rows, enc), i32), "enc_mask": ((rows, enc), i32), "dec_ids": ((rows, dec), i32),
                   "dec_labels": ((rows, dec), i32), "dec_pos": ((rows,), i32), "rows": ((rows,), np.float32)}
-        return shapes, 0, int(self.setting("num_latent"))
+        if self.step_decoding is not None:  # a group per thought, `step_length` tokens each
+            shapes.update({n: ((rows, k + 1, step_length), i32) for n in ("step_ids", "step_mask")})
+        return shapes, 0, k
 
     def plan_generation(self, model, params, parts, cur, stage, rows, prompt, max_new_tokens, place):
         from coconut_jax.methods.codi import forward
@@ -194,6 +206,23 @@ class Codi(Method):
 
     def eval_thoughts(self, cur, stage):
         return int(self.setting("num_latent")), True
+
+    def written_steps(self, model, params, parts, example, tokens):
+        """Each step of the question's teacher chain beside what the step decoder writes from
+        its thought (z1..z_{K+1}, as in training)."""
+        if self.step_decoding is None:
+            return None
+        from coconut_jax.methods import step_decoder
+        from coconut_jax.methods.codi import forward
+        k = int(self.setting("num_latent"))
+        prj, prj_params = parts["projection"]
+        decoder, decoder_params = parts["decoder"]
+        ids = np.array([list(example.question) + [tokens.bot]], np.int32)
+        z = forward.thoughts_fed(model, params, prj, prj_params, ids, np.ones_like(ids), n_latent=k)
+        groups = _data().chain_groups(list(example.steps[0]), tokens, k + 1)
+        written = step_decoder.decode(model, params, decoder, decoder_params, np.asarray(z)[0][:, None],
+                                      tokens.eos, self.step_decoding.first_position)
+        return [(w, g[:-1]) for w, g in zip(written, groups)]
 
     def with_thoughts(self, cur, thoughts):
         """The same prompts with `thoughts` passes (0: the question, bot, then eot at once)."""

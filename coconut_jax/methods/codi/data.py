@@ -33,9 +33,12 @@ PIECE_MAX = 256  # the reference tokenizes each piece with truncation at 256 tok
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Tokens:
-    """The ids CODI adds after the pretrained vocabulary `V`: pad = V, bot = V+1, eot = V+2."""
+    """The ids CODI adds after the pretrained vocabulary `V`: pad = V, bot = V+1, eot = V+2;
+    and those a chain's steps are parsed on (`<<` and ` <<` where single tokens, `>>`)."""
     vocab: int
     eos: int
+    opens: tuple[int, ...] = ()
+    close: int | None = None
 
     @property
     def pad(self) -> int:
@@ -48,6 +51,35 @@ class Tokens:
     @property
     def eot(self) -> int:
         return self.vocab + 2
+
+
+def step_ids(tok) -> tuple[tuple[int, ...], int | None]:
+    """(the ids a step starts with: `<<` and ` <<`, those that are one token; `>>`'s id or None)."""
+    def single(text):
+        ids = tok.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+    return tuple(i for i in (single("<<"), single(" <<")) if i is not None), single(">>")
+
+
+def chain_groups(chain: list[int], tokens: Tokens, n_groups: int) -> list[list[int]]:
+    """The step targets of a teacher chain (SIM-CoT's CODI variant): each `<<`...`>>` in it
+    (a start without an end is skipped, tokens between steps dropped), then the end token (eos);
+    beyond `n_groups - 1` steps the rest joined into the last group with one end token; fewer
+    steps leave the last groups empty."""
+    groups, i = [], 0
+    while i < len(chain):
+        if chain[i] not in tokens.opens:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(chain) and chain[j] != tokens.close:
+            j += 1
+        if j < len(chain):
+            groups.append(chain[i:j + 1])
+        i = j + 1
+    if len(groups) >= n_groups:
+        groups = groups[:n_groups - 1] + [[t for g in groups[n_groups - 1:] for t in g]]
+    return [g + [tokens.eos] for g in groups]
 
 
 def teacher_chain(steps: list[str], include_last: bool) -> str:
@@ -131,7 +163,8 @@ class Plan:
     wide as its longest question, as the reference's collator pads it."""
 
     def __init__(self, examples, tokens: Tokens, n_latent: int, settings: PlanSettings, epoch: int,
-                 shuffle: bool = True, static_shapes: bool | None = None, exact_encoder: bool = False):
+                 shuffle: bool = True, static_shapes: bool | None = None, exact_encoder: bool = False,
+                 step_groups: int = 0, reference_lengths: bool = False):
         s = settings
         if s.batch_size % s.num_hosts:
             raise ValueError(f"global batch {s.batch_size} is not divisible by {s.num_hosts} hosts")
@@ -153,10 +186,16 @@ class Plan:
         self._order = order[kept[order]]
         static = s.static_shapes if static_shapes is None else static_shapes
         self.exact_encoder = exact_encoder and not shuffle
+        # Step targets (a step decoder): `step_groups` groups per record, parsed from its chain.
+        self.step_groups, self.reference_lengths = step_groups, reference_lengths
+        self.groups = {i: chain_groups(self._piece(self.c_start, self.c_len, i).tolist(), tokens, step_groups)
+                       for i in self._order.tolist()} if step_groups else {}
         self._fixed = None
         if static and len(self._order):
             o = self._order
-            self._fixed = tuple(int(x.max()) for x in (self.teacher_len[o], self.q_len[o] + 1, self.a_len[o] + 1))
+            longest_step = max((len(g) for gs in self.groups.values() for g in gs), default=1)
+            self._fixed = tuple(int(x.max()) for x in (self.teacher_len[o], self.q_len[o] + 1, self.a_len[o] + 1)) \
+                + (longest_step,)
 
     def __len__(self) -> int:
         return -(-len(self._order) // self.settings.batch_size)
@@ -177,7 +216,7 @@ class Plan:
         rows_all = self._order[k * s.batch_size:(k + 1) * s.batch_size]
         share = s.batch_size // s.num_hosts
         rows = rows_all[s.host * share:(s.host + 1) * share]
-        fixed = self._fixed or (0, 0, 0)
+        fixed = self._fixed or (0, 0, 0, 0)
         m = s.multiple
         wt = round_up(max(int(self.teacher_len[rows_all].max(initial=1)), fixed[0]), m)
         enc_longest = int((self.q_len[rows_all] + 1).max(initial=1))
@@ -203,6 +242,28 @@ class Plan:
             d["dec_labels"][r, :len(dec)] = dec
             d["dec_pos"][r] = 1 + self.distilled[i]
             d["rows"][r] = 1.0
+        if self.step_groups:
+            d.update(self._step_arrays(rows_all, rows, share, fixed[3]))
         idx = np.full(share, -1, np.int64)
         idx[:len(rows)] = rows
         return Batch(d, idx, self.n_latent, t.pad)
+
+    def _step_arrays(self, rows_all, rows, share: int, fixed: int) -> dict:
+        """`step_ids` (pad-padded) and `step_mask` [rows, groups, length]: each group's tokens and
+        its end token. With `reference_lengths`, the reference's lengths (its quirk): the batch's
+        first row sets each group's length, min(its length + 1, the longest), or 1 when it has no
+        such group, and every row's group is cut there."""
+        g, t = self.step_groups, self.tokens
+        longest = max((len(x) for i in rows_all.tolist() for x in self.groups[i]), default=1)
+        length = round_up(max(longest, fixed), self.settings.multiple)
+        ids = np.full((share, g, length), t.pad, np.int32)
+        mask = np.zeros((share, g, length), np.int32)
+        for r, i in enumerate(rows.tolist()):
+            for k, x in enumerate(self.groups[i]):
+                ids[r, k, :len(x)], mask[r, k, :len(x)] = x, 1
+        if self.reference_lengths and len(rows_all):
+            first = self.groups[int(rows_all[0])]
+            for k in range(g):
+                keep = min(len(first[k]) + 1, longest) if k < len(first) else 1
+                mask[:, k, keep:] = 0
+        return {"step_ids": ids, "step_mask": mask}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,10 +88,20 @@ def _write(cache, kv, slot):
     return jax.tree.map(lambda c, new: jax.lax.dynamic_update_slice_in_dim(c, new, slot, axis=3), cache, kv)
 
 
-def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mask_pads: bool, keys=None):
-    """The student's question + bot and its `n_latent` thought passes: (the past segments a
-    decoder attends to, each row's next position [B] int32, the final hidden states the
-    thoughts were projected from [K,B,E]). `keys`: dropout keys (encoder, thoughts) or None."""
+class Encoded(NamedTuple):
+    """What the student's question and thoughts leave: the keys/values a decoder attends to,
+    each row's next position [B], the final hidden states the thoughts were projected from
+    [K,B,E], the thoughts fed [K,B,E], and the last thought pass's final state [B,E]."""
+    past: list
+    start: jax.Array
+    sources: jax.Array
+    fed: jax.Array
+    last: jax.Array
+
+
+def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mask_pads: bool, keys=None) -> Encoded:
+    """The student's question + bot and its `n_latent` thought passes (`Encoded`). `keys`:
+    dropout keys (encoder, thoughts) or None."""
     b, we = enc_ids.shape
     k_enc, k_mid = (None, None) if keys is None else keys
     if mask_pads:
@@ -112,9 +123,9 @@ def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mas
         key = None if k_mid is None else jax.random.fold_in(k_mid, k)
         h, kv = model.body(params, z, (start + k)[:, None], jnp.ones((b, 1), bool), past + [_segment(kv_mid, filled)],
                            key)
-        return (_write(kv_mid, kv, k), h[:, 0]), h_prev
-    (kv_mid, _), sources = jax.lax.scan(thought_pass, (kv_mid, h_enc[:, -1]), jnp.arange(n_latent))
-    return past + [_segment(kv_mid, jnp.ones((b, n_latent), bool))], start + n_latent, sources
+        return (_write(kv_mid, kv, k), h[:, 0]), (h_prev, z[:, 0])
+    (kv_mid, h_last), (sources, fed) = jax.lax.scan(thought_pass, (kv_mid, h_enc[:, -1]), jnp.arange(n_latent))
+    return Encoded(past + [_segment(kv_mid, jnp.ones((b, n_latent), bool))], start + n_latent, sources, fed, h_last)
 
 
 def _smooth_l1(x):
@@ -151,28 +162,42 @@ def teacher_pass(model, params, arrays, *, dropout_key=None, loss_chunk: int = 0
 def student_pass(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pads: bool, dropout_key=None,
                  loss_chunk: int = 0):
     """The student's question + bot, its thoughts and its decoder (eot, the answer): ((summed
-    token loss, tokens), every layer's state at the distilled token [L+1, B, E])."""
+    token loss, tokens), every layer's state at the distilled token [L+1, B, E], `Encoded`)."""
     from coconut_jax.coconut import hidden_nll
     keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
-    past, start, _ = encode(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"], n_latent,
-                            mask_pads, None if dropout_key is None else keys[:2])
+    enc = encode(model, params, prj, prj_params, arrays["enc_ids"], arrays["enc_mask"], n_latent, mask_pads,
+                 None if dropout_key is None else keys[:2])
     dec = arrays["dec_ids"]
     b, wd = dec.shape
-    h, _, taps = model.body(params, model.embed(params, dec), start[:, None] + jnp.arange(wd)[None],
-                            jnp.ones((b, wd), bool), past, keys[2], taps=arrays["dec_pos"])
-    return hidden_nll(model, params, h, arrays["dec_labels"], loss_chunk), taps
+    h, _, taps = model.body(params, model.embed(params, dec), enc.start[:, None] + jnp.arange(wd)[None],
+                            jnp.ones((b, wd), bool), enc.past, keys[2], taps=arrays["dec_pos"])
+    return hidden_nll(model, params, h, arrays["dec_labels"], loss_chunk), taps, enc
 
 
 def loss_terms(model, params, prj, prj_params, arrays, *, n_latent: int, mask_pads: bool, dropout_key=None,
-               loss_chunk: int = 0) -> dict:
+               loss_chunk: int = 0, steps=None) -> dict:
     """{"student", "teacher": (summed token loss, tokens), "distill": (the batch's value, 1)}.
-    One teacher pass serves its loss and (detached) the distillation targets."""
+    One teacher pass serves its loss and (detached) the distillation targets.
+
+    `steps`: (decoder, its params, `StepDecoding`) of a step decoder, which adds "steps": each
+    step of the teacher's chain written out from one thought, z1..z_{K+1} (the last projected
+    from the last thought pass, never fed to the student)."""
+    from coconut_jax.methods import step_decoder
     params = model.stack_layers(params)
     k_teacher, k_student = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     teacher, taps_t = teacher_pass(model, params, arrays, dropout_key=k_teacher, loss_chunk=loss_chunk)
-    student, taps_s = student_pass(model, params, prj, prj_params, arrays, n_latent=n_latent, mask_pads=mask_pads,
-                                   dropout_key=k_student, loss_chunk=loss_chunk)
-    return {"student": student, "teacher": teacher, "distill": distillation(taps_s, taps_t, arrays["rows"])}
+    student, taps_s, enc = student_pass(model, params, prj, prj_params, arrays, n_latent=n_latent,
+                                        mask_pads=mask_pads, dropout_key=k_student, loss_chunk=loss_chunk)
+    out = {"student": student, "teacher": teacher, "distill": distillation(taps_s, taps_t, arrays["rows"])}
+    if steps is not None:
+        decoder, decoder_params, how = steps
+        thoughts = jnp.concatenate([enc.fed, prj(prj_params, enc.last)[None]])[:arrays["step_ids"].shape[1]]
+        out["steps"] = step_decoder.decoder_loss(model, params, decoder, decoder_params,
+                                                 jnp.swapaxes(thoughts, 0, 1)[:, :, None], arrays["step_ids"],
+                                                 arrays["step_mask"], how,
+                                                 None if dropout_key is None else jax.random.fold_in(dropout_key, 3),
+                                                 loss_chunk)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "prj", "n_latent", "max_new_tokens", "mask_pads"))
@@ -184,7 +209,7 @@ def generate(model, params, prj, prj_params, enc_ids, enc_mask, eot, eos, *, n_l
     model = model if model.scan_layers else model.replace(scan_layers=True)
     params = model.stack_layers(params)
     b = enc_ids.shape[0]
-    past, start, _ = encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent, mask_pads)
+    past, start = encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent, mask_pads)[:2]
     cache = {n: jnp.concatenate([seg[n] for seg in past], axis=3) for n in ("k", "v")}
     width = cache["k"].shape[3]
     cache = jax.tree.map(lambda a: jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, max_new_tokens), (0, 0))), cache)
@@ -223,5 +248,13 @@ def generate(model, params, prj, prj_params, enc_ids, enc_mask, eot, eos, *, n_l
 def thought_states(model, params, prj, prj_params, enc_ids, enc_mask, *, n_latent: int):
     """[B, K, E]: the final hidden state each thought is projected from (at bot, then at each
     thought but the last)."""
-    _, _, sources = encode(model, model.stack_layers(params), prj, prj_params, enc_ids, enc_mask, n_latent, False)
-    return jnp.swapaxes(sources, 0, 1)
+    enc = encode(model, model.stack_layers(params), prj, prj_params, enc_ids, enc_mask, n_latent, False)
+    return jnp.swapaxes(enc.sources, 0, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prj", "n_latent"))
+def thoughts_fed(model, params, prj, prj_params, enc_ids, enc_mask, *, n_latent: int):
+    """[B, K+1, E]: the projected thoughts z1..z_{K+1} (the student reads the first K; a step
+    decoder reads all)."""
+    enc = encode(model, model.stack_layers(params), prj, prj_params, enc_ids, enc_mask, n_latent, False)
+    return jnp.swapaxes(jnp.concatenate([enc.fed, prj(prj_params, enc.last)[None]]), 0, 1)
