@@ -1,0 +1,85 @@
+"""SIM-CoT's decoder on CODI as users run it: configs/gsm_codi_simcot.py through the CLI (tiny
+data, model and LoRA), killed and restarted, on 8 devices, exported and asked (the decoder never
+leaves), and `analysis --decode-steps` reading what each thought writes out."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from coconut_jax import checkpoint
+from coconut_jax.metrics import read_metrics
+from tests.conftest import ROOT, built_once, run_cli, subprocess_env
+from tests.test_journeys import assert_same_run, data_paths, evals, kill_at_checkpoint, world  # noqa: F401
+from tests.test_journeys_codi import SMALL
+
+pytestmark = pytest.mark.slow
+
+RUN = (*SMALL, "--config.num_epochs=3")
+
+
+@pytest.fixture(scope="session")
+def simcot_run(world, tmp_path_factory):
+    def build(root):
+        r = run_cli(root, *data_paths(world, "gsm"), *RUN, config="configs/gsm_codi_simcot.py")
+        (root / "train.stdout").write_text(r.stdout)
+    return built_once(tmp_path_factory, "codi_simcot_run", build)
+
+
+def test_codi_simcot_trains_its_four_terms_and_the_decoder_learns(simcot_run):
+    run = simcot_run / "gsm-codi-simcot"
+    steps = [e for e in read_metrics(run / "metrics.jsonl") if "train/loss" in e]
+    assert len(steps) == 15
+    for e in steps:
+        parts = e["train/student"] + e["train/teacher"] + e["train/distill"] + e["train/steps"]
+        assert abs(e["train/loss"] - parts) < 1e-4
+    # The decoder learns to write each step out from its thought (a random-token start: ~6 nats).
+    assert steps[-1]["train/steps"] < steps[0]["train/steps"] - 0.3
+    assert all("eval/steps" in e for e in evals(run))
+    ckpt = str(run / "checkpoints")
+    parts = checkpoint.load_params(ckpt, checkpoint.steps(ckpt)[-1], item="parts")
+    assert set(parts) == {"projection", "decoder"}
+
+
+def test_codi_simcot_killed_resumes_exactly(simcot_run, world, tmp_path):
+    args = (*data_paths(world, "gsm"), *RUN, "--config.checkpoint_every_steps=1")
+    proc = run_cli(tmp_path, *args, config="configs/gsm_codi_simcot.py", popen=True)
+    kill_at_checkpoint(proc, tmp_path / "gsm-codi-simcot", 7, "the run's step 7")
+    run_cli(tmp_path, *args, config="configs/gsm_codi_simcot.py")
+    assert_same_run(simcot_run / "gsm-codi-simcot", tmp_path / "gsm-codi-simcot")
+    ckpts = [str(r / "gsm-codi-simcot" / "checkpoints") for r in (simcot_run, tmp_path)]
+    last = checkpoint.steps(ckpts[0])[-1]
+    a, b = (checkpoint.load_params(c, last, item="parts") for c in ckpts)
+    np.testing.assert_array_equal(a["decoder"]["wte"], b["decoder"]["wte"])
+
+
+def test_the_decoder_never_leaves_and_its_thoughts_can_be_read(simcot_run, world, tmp_path):
+    run = simcot_run / "gsm-codi-simcot"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True, check=True)
+    cli("coconut_jax.export", str(run), "--out", str(tmp_path / "export"))
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert "part_projection.safetensors" in files and not any("decoder" in f for f in files)
+    lines = [json.loads(x) for x in cli("coconut_jax.generate", str(tmp_path / "export"), "--input",
+                                        world["gsm_valid"]).stdout.splitlines()]
+    assert len(lines) == 6 and {x["thoughts"] for x in lines} == {3}
+    out = cli("coconut_jax.analysis", "--config", "configs/gsm_codi_simcot.py", *data_paths(world, "gsm"), *RUN,
+              f"--config.save_path={simcot_run}", "--decode-steps").stdout
+    rows = [x for x in out.splitlines() if x.startswith("thought ")]
+    # Each record's chain holds one step (its two, the last dropped): thought 1 has a target.
+    assert rows and "replaced: '<<" in rows[0]
+
+
+def test_codi_simcot_on_8_devices_matches_one_device(world, tmp_path):
+    args = (*data_paths(world, "gsm"), *SMALL, "--config.num_epochs=1", "--config.global_batch_size=16",
+            "--config.eval_batch_size=8")
+    run_cli(tmp_path / "one", *args, config="configs/gsm_codi_simcot.py")
+    run_cli(tmp_path / "eight", *args, config="configs/gsm_codi_simcot.py", devices=8)
+    one, eight = (read_metrics(tmp_path / d / "gsm-codi-simcot" / "metrics.jsonl") for d in ("one", "eight"))
+    for a, b in zip(one, eight):
+        for k in ("train/student", "train/teacher", "train/steps", "eval/steps"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), k
