@@ -152,3 +152,17 @@ def test_the_references_saved_state_dict_fills_the_decoder(family_dir, tmp_path)
     _, dec_params = parts["decoder"]
     np.testing.assert_allclose(dec_params["wte"], decoder.get_input_embeddings().weight.detach().numpy(), rtol=0)
     assert methods.get("codi").import_state_dict(sd)[1].keys() == {"projection"}  # plain CODI ignores it
+
+
+def test_the_chunked_step_term_equals_the_whole(family_dir):
+    """`loss_chunk` (a run's default 128) takes the decoder's head a block of rows at a time:
+    the same value as all logits at once."""
+    _, model_dir = family_dir
+    method, tok, tokens, config, model, params, prj, pp, decoder, dp = simcot_setup(model_dir)
+    (b,) = batches(method, tok, tokens, LONG, 4)
+
+    def term(chunk):
+        return steps.eval_loss_terms(model, params, jnp_arrays(b), method=method, prefix_len=0, n_latent=K,
+                                     loss_chunk=chunk, parts={"projection": pp, "decoder": dp},
+                                     part_models=(("decoder", decoder), ("projection", prj)))["steps"][0]
+    np.testing.assert_allclose(float(term(1)), float(term(0)), rtol=1e-6)  # 1 x 64 positions: several blocks

@@ -32,17 +32,33 @@ class StepDecoding:
     dropout: bool = False
 
 
-def _token_nll(decoder, decoder_params, h, labels, loss_chunk):
-    """[rows, T] per-token NLL of next-token targets (0 where not labelled), [rows, T] labelled."""
+def _row_nll(decoder, decoder_params, h, labels, chunk: int):
+    """(summed next-token NLL per row [R], labelled positions per row [R]) of final hidden
+    states `h` [R,T,E]. With `chunk` > 0 the rows go through the head a block at a time in a
+    rematerialised scan, a block holding about `chunk` x 64 positions (a base's chunk of a
+    64-row micro-batch): the decoder's rows are many and short (rows x groups, a step each), so
+    blocks of rows, not of positions, keep its [R,T,V] logits from being held at once."""
     import jax
     import jax.numpy as jnp
 
     from coconut_jax.labels import IGNORE
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logp = jax.nn.log_softmax(decoder.logits(decoder_params, h[:, :-1]).astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, nll, 0.0), valid
+
+    def sums(h_c, t_c):
+        valid = t_c != IGNORE
+        logp = jax.nn.log_softmax(decoder.logits(decoder_params, h_c).astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, t_c, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1), jnp.sum(valid, axis=-1).astype(jnp.float32)
+    h, targets = h[:, :-1], labels[:, 1:]
+    r, t, e = h.shape
+    blocks = -(-(r * t) // (chunk * 64)) if chunk else 1
+    if blocks <= 1:
+        return sums(h, targets)
+    per = -(-r // blocks)
+    pad = blocks * per - r
+    h = jnp.pad(h, ((0, pad), (0, 0), (0, 0))).reshape(blocks, per, t, e)
+    targets = jnp.pad(targets, ((0, pad), (0, 0)), constant_values=IGNORE).reshape(blocks, per, t)
+    _, (total, count) = jax.lax.scan(lambda carry, xs: (carry, jax.checkpoint(sums)(*xs)), None, (h, targets))
+    return total.reshape(-1)[:r], count.reshape(-1)[:r]
 
 
 def decoder_loss(model, params, decoder, decoder_params, thoughts, ids, mask, how: StepDecoding, dropout_key=None,
@@ -69,9 +85,9 @@ def decoder_loss(model, params, decoder, decoder_params, thoughts, ids, mask, ho
     if how.reduce == "pairs":
         total, _ = coconut.hidden_nll(decoder, decoder_params, h, labels, loss_chunk)
         return total, pair_count(mask)
-    nll, valid = _token_nll(decoder, decoder_params, h, labels, loss_chunk)
-    per_group = jnp.sum(nll.reshape(b, n_groups, -1), axis=(0, 2))
-    tokens = jnp.sum(valid.reshape(b, n_groups, -1), axis=(0, 2)).astype(jnp.float32)
+    rows, counts = _row_nll(decoder, decoder_params, h, labels, loss_chunk)
+    per_group = jnp.sum(rows.reshape(b, n_groups), axis=0)
+    tokens = jnp.sum(counts.reshape(b, n_groups), axis=0)
     means = jnp.where(tokens > 0, per_group / jnp.maximum(tokens, 1.0), 0.0)
     value = jnp.sum(means) / jnp.maximum(jnp.sum(tokens > 0), 1).astype(jnp.float32)
     return value, jnp.float32(1.0)
