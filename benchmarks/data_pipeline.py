@@ -88,7 +88,7 @@ def phase_tokenize(a) -> dict:
 
 
 def phase_cached(a) -> dict:
-    from coconut_jax import data, hf, latent_vocab
+    from coconut_jax import data, hf, latent_vocab, methods
     tok = hf.load_tokenizer(a.model)
     tokens = latent_vocab.latent_tokens(tok)
     base = rss_gb()
@@ -96,7 +96,7 @@ def phase_cached(a) -> dict:
     _, ts = data.load_dataset(a.data, tok, cache_dir=a.cache, with_records=False)
     t1 = time.perf_counter()
     resident = rss_gb() - base
-    cur = data.Curriculum("coconut", c_thought=2, max_latent_stage=3, epochs_per_stage=3)
+    cur = methods.Curriculum("coconut", c_thought=2, max_latent_stage=3, epochs_per_stage=3)
     t2 = time.perf_counter()
     plan = data.EpochPlan(ts, cur, tokens, 1, epoch=3,
                           settings=data.PlanSettings(seed=0, batch_size=128, multiple=32, max_len=1024))

@@ -24,7 +24,7 @@ The whole `only_eval` process instead (`configs/prosqa_eval.py` at stage 6, as a
 token and compilation caches) and warm, against the reference's way of generating
 (one full pass over the prompt and the tokens so far per new token, one question at a time,
 jitted) on the same model and questions in the same run, timed on `--singles` of them for as many tokens as the process
-generated on average; and generation alone (`evaluate.generate_predictions`, in process,
+generated on average; and generation alone (`answers.generate_predictions`, in process,
 after compilation) against the same reference.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import coconut, data, evaluate, latent_vocab, testing
+from coconut_jax import answers, coconut, data, latent_vocab, methods, testing
 from coconut_jax.models.gpt2 import GPT2Config, GPT2Model
 
 SHAPES = {
@@ -180,12 +180,12 @@ def bench_process(questions: int, singles: int) -> dict:
     toks = latent_vocab.latent_tokens(tok)
     config, params = latent_vocab.add_latent_rows(config, params, tok)
     model = GPT2Model(config)
-    cur = data.Curriculum("coconut", 1, 6, 5)
+    cur = methods.Curriculum("coconut", 1, 6, 5)
     recs, ts = data.load_dataset(val, tok)
     # Generation alone, in process, after compilation: what the CLI's evaluation runs.
     examples = [ts[i] for i in range(len(ts))]
     c = config_lib.load_config_file(os.path.join(root, "configs", "prosqa_eval.py"))
-    gen = lambda: evaluate.generate_predictions(
+    gen = lambda: answers.generate_predictions(
         model, params, examples, recs, 6, cur, toks, tok, batch_size=config_lib.eval_rows(c.eval_batch_size, "cpu"),
         max_new_tokens=128, multiple=c.eval_pad_to_multiple, context=config.n_positions)
     gen()

@@ -22,29 +22,13 @@ import collections
 import dataclasses
 import os
 import sys
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import coconut, config as config_lib, data, evaluate
+from coconut_jax import answers, config as config_lib, data, evaluate, methods
 from coconut_jax.data.step_targets import StepPlan
 from coconut_jax.plot import pyplot, save_figure
-
-
-def _single(prompt: Sequence[int], tokens) -> data.Batch:
-    return data.collate([(list(prompt), None)], [0], latent_id=tokens.latent, pad_id=tokens.pad, batch_size=1,
-                        multiple=1)
-
-
-def thoughts(model, params, prompt: Sequence[int], tokens) -> np.ndarray:
-    """The continuous thoughts of one prompt, [n_latent, E]: thought k is the last hidden
-    state at the position before latent k, computed with the earlier thoughts fed back."""
-    batch = _single(prompt, tokens)
-    hidden = coconut.latent_forward(model, params, batch.arrays(), batch.prefix_len, batch.n_latent)
-    where = np.nonzero(batch.latent_mask[0])[0]
-    return np.asarray(hidden[0, where - 1], np.float32)
 
 
 def thought_distributions(model, params, states: np.ndarray) -> np.ndarray:
@@ -110,7 +94,7 @@ def concept_mass(model, params, states: np.ndarray, record: dict, tokenizer) -> 
     return ConceptMass(names, mass, normalised, [share[t] > 1 for t in first])
 
 
-def accuracy_by_thoughts(model, params, examples, records, cur: data.Curriculum, tokens, tokenizer, *,
+def accuracy_by_thoughts(model, params, examples, records, cur: methods.Curriculum, tokens, tokenizer, *,
                          max_k: int, batch_size: int, max_new_tokens: int, multiple: int = 32, parts=None,
                          **kw) -> dict[int, float]:
     """Accuracy when inference uses k x thoughts_per_step thoughts, k = 0..max_k (Coconut: the
@@ -203,7 +187,7 @@ def report_steps(run, question: int, max_k: int | None) -> list[dict]:
     cur, tokens, tok = run.cur, run.tokens, run.tok
     stage = cur.max_latent_stage + 1 if max_k is None else max_k
     prompt = data.eval_prompt(ex, stage, cur, tokens)
-    states = thoughts(run.model, run.params, prompt, tokens)
+    states = answers.thoughts(run.model, run.params, prompt, tokens)
     c = cur.thoughts_per_step
     written = decode_steps(run.model, run.params, decoder, run.state.parts["decoder"], states, c, tokens.eos)
     rows = []

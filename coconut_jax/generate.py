@@ -24,10 +24,10 @@ import sys
 
 import jax
 
-from coconut_jax import checkpoint, config as config_lib, data, models, rundir, trained
+from coconut_jax import checkpoint, config as config_lib, data, models, rundir, trained, methods
 
 
-def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculum, int, bool]:
+def curriculum_for(settings: dict, thoughts: int | None) -> tuple[methods.Curriculum, int, bool]:
     """(curriculum, stage, whether the thought count is fixed) of the prompts: the run's at
     its step's stage, or exactly `thoughts` thoughts (`Method.with_thoughts`)."""
     cur = trained.curriculum(settings)
@@ -39,7 +39,7 @@ def curriculum_for(settings: dict, thoughts: int | None) -> tuple[data.Curriculu
         raise trained.TrainedError(f"--thoughts: {e}") from None
 
 
-def questions(args, tok, cur: data.Curriculum, stage: int, fixed: bool):
+def questions(args, tok, cur: methods.Curriculum, stage: int, fixed: bool):
     """(the records asked, their examples, and the curriculum and stage of their prompts)."""
     spec = cur.spec
     if args.question is not None:
@@ -59,7 +59,7 @@ def thought_tokens(model, params, states, tok, top_k: int) -> list[list[tuple[st
     return analysis.decode_thoughts(model, params, states, tok, top_k) if len(states) else []
 
 
-def ask(t: trained.Trained, records: list[dict], examples, cur: data.Curriculum, stage: int, *,
+def ask(t: trained.Trained, records: list[dict], examples, cur: methods.Curriculum, stage: int, *,
         max_new_tokens: int | None = None, batch_size: int | None = None, show_thoughts: int = 0) -> list[dict]:
     """One dict per record: a predictions-file line (and its thoughts' top tokens), generated
     with the run's evaluation settings (`t.settings`) unless `max_new_tokens` or `batch_size`

@@ -150,13 +150,13 @@ def make_plan(c, *, length: int | None = None, device_memory: float | None = Non
     """The plan of config `c` on this process's devices (see the module docstring)."""
     import jax
 
-    from coconut_jax import config as config_lib, data, hf, sharding
+    from coconut_jax import config as config_lib, hf, methods, sharding
     config_lib.validate(c, data_files=False)
     if c.prepare.kind:
         from coconut_jax.demo import prepare
         c = c.copy_and_resolve_references()
         prepare.prepare_synthetic(c)  # the demo's model is built locally (or reused): its config.json is the shapes
-    cur = data.Curriculum.from_config(c)
+    cur = methods.Curriculum.from_config(c)
     config = _model_config(c, len(hf.load_tokenizer(c.model_id)))  # the tokenizer with the latent tokens
     length = length or config.n_positions
 

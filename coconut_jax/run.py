@@ -14,8 +14,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, models, optimizer, rundir,
-                         sharding, steps, weights)
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, methods, models, optimizer,
+                         rundir, sharding, steps, weights)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
@@ -54,7 +54,7 @@ class Position:
 @dataclasses.dataclass
 class Run:
     ctx: RunContext
-    cur: data.Curriculum
+    cur: methods.Curriculum
     tok: object
     tokens: latent_vocab.LatentTokens
     model: object
@@ -142,7 +142,7 @@ def build_run(ctx: RunContext) -> Run:
     the sharded train state, the datasets, and the position to start from: a resume restores
     its checkpoint and cuts metrics.jsonl back to it; a fresh start empties metrics.jsonl."""
     c = ctx.c
-    cur = data.Curriculum.from_config(c)
+    cur = methods.Curriculum.from_config(c)
     spec = cur.spec
     tok = hf.load_tokenizer(c.model_id)
     tokens = spec.special_tokens(tok, hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size)

@@ -99,8 +99,7 @@ def trained_stage(c, meta: dict) -> int:
 
 def curriculum(settings: dict):
     """The curriculum of a step's prompt settings (PROMPT_FIELDS, and the method's own block)."""
-    from coconut_jax import data
-    return data.Curriculum.from_config(settings)
+    return methods.Curriculum.from_config(settings)
 
 
 def describe_stage(settings: dict) -> str:

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from coconut_jax import analysis, data, evaluate, testing
+from coconut_jax import analysis, data, evaluate, testing, methods, answers
 from coconut_jax.metrics import read_metrics
 
 
@@ -18,14 +18,14 @@ def trained(tiny_run):
 
 
 def _prompt(t, question=0, k=2):
-    cur = data.Curriculum(t.cur.method, t.cur.c_thought, k, t.cur.epochs_per_stage)
+    cur = methods.Curriculum(t.cur.method, t.cur.c_thought, k, t.cur.epochs_per_stage)
     return data.eval_prompt(t.val_examples[question], k, cur, t.tokens)
 
 
 def test_thoughts_are_the_hidden_states_before_each_latent(trained):
     t = trained
     prompt = _prompt(t)
-    states = analysis.thoughts(t.model, t.params, prompt, t.tokens)
+    states = answers.thoughts(t.model, t.params, prompt, t.tokens)
     assert states.shape == (2, t.model.config.n_embd)
     b = data.collate([(prompt, None)], [0], latent_id=t.tokens.latent, pad_id=t.tokens.pad, batch_size=1, multiple=1)
     slow = np.asarray(testing.reference_hidden(t.model, t.params, b.arrays()))[0]
@@ -37,7 +37,7 @@ def test_thoughts_are_the_hidden_states_before_each_latent(trained):
 
 def test_decoded_thoughts_are_sorted_probabilities(trained):
     t = trained
-    states = analysis.thoughts(t.model, t.params, _prompt(t), t.tokens)
+    states = answers.thoughts(t.model, t.params, _prompt(t), t.tokens)
     decoded = analysis.decode_thoughts(t.model, t.params, states, t.tok, top_k=4)
     assert len(decoded) == 2 and all(len(row) == 4 for row in decoded)
     for row in decoded:
@@ -51,7 +51,7 @@ def test_decoded_thoughts_are_sorted_probabilities(trained):
 def test_concept_mass_is_normalised_over_the_graph(trained):
     t = trained
     record = t.val_records[t.val_examples[0].idx]
-    states = analysis.thoughts(t.model, t.params, _prompt(t), t.tokens)
+    states = answers.thoughts(t.model, t.params, _prompt(t), t.tokens)
     cm = analysis.concept_mass(t.model, t.params, states, record, t.tok)
     n = len(record["idx_to_symbol"])
     assert cm.mass.shape == cm.normalised.shape == (2, n) and cm.concepts == record["idx_to_symbol"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from coconut_jax import data, hf, latent_vocab, methods
-from coconut_jax.data import IGNORE, Curriculum, Example, collate, training_sequence, eval_prompt
+from coconut_jax.data import IGNORE, Example, collate, training_sequence, eval_prompt
+from coconut_jax.methods import Curriculum
 from tests.conftest import SAMPLE_RECORDS, shared_file
 
 TOK = latent_vocab.LatentTokens(start=100, end=101, latent=102, eos=0, pad=0)

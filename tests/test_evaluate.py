@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from coconut_jax import data, evaluate, hf, latent_vocab
+from coconut_jax import data, evaluate, hf, latent_vocab, methods, answers
 from coconut_jax.models.gpt2 import GPT2Model
 from tests.conftest import SAMPLE_RECORDS
 
@@ -18,8 +18,8 @@ def setup(tiny_dir):
 
 def _predict(setup, batch_size, context, overlong="error", row_multiple=1):
     model, params, tok, tokens, examples = setup
-    cur = data.Curriculum("coconut", 1, 2, 1)
-    return evaluate.generate_predictions(model, params, examples, SAMPLE_RECORDS, 2, cur, tokens, tok,
+    cur = methods.Curriculum("coconut", 1, 2, 1)
+    return answers.generate_predictions(model, params, examples, SAMPLE_RECORDS, 2, cur, tokens, tok,
                                          batch_size=batch_size, max_new_tokens=4, multiple=8, context=context,
                                          overlong=overlong, row_multiple=row_multiple)
 
@@ -34,12 +34,12 @@ def test_filler_rows_are_not_scored(setup):
     (200, 64, 1, 50), (200, 64, 8, 56), (192, 64, 1, 64), (8, 64, 1, 8), (9, 8, 1, 5), (9, 8, 4, 8), (1, 64, 8, 8),
     (0, 64, 1, 1)])
 def test_questions_spread_evenly_over_the_fewest_batches(n, size, multiple, rows):
-    assert evaluate.batch_rows(n, size, multiple) == rows
+    assert answers.batch_rows(n, size, multiple) == rows
 
 
 def test_prompt_that_does_not_fit_the_context_is_an_error_or_skipped(setup):
     _, _, _, tokens, examples = setup
-    cur = data.Curriculum("coconut", 1, 2, 1)
+    cur = methods.Curriculum("coconut", 1, 2, 1)
     lengths = [len(data.eval_prompt(e, 2, cur, tokens)) for e in examples]
     context = sorted(lengths)[-1] + 4 - 2  # the longest prompt plus its new tokens is one too many
     with pytest.raises(data.DataError, match=r"validation prompts at stage 2 plus max_new_tokens=4: 1 sequence"):

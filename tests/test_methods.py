@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from coconut_jax import config as config_lib, data, methods
+from coconut_jax import config as config_lib, methods
 from coconut_jax.methods.base import Method
 from tests.conftest import ROOT
 
@@ -66,5 +66,5 @@ def test_a_new_method_is_one_record(monkeypatch, tmp_path):
     c.c_thought = 0
     with pytest.raises(config_lib.ConfigError, match="c_thought must be >= 1 for method every_other_epoch"):
         config_lib.validate(c)
-    cur = data.Curriculum(mine.name, c_thought=2, max_latent_stage=2, epochs_per_stage=1)
+    cur = methods.Curriculum(mine.name, c_thought=2, max_latent_stage=2, epochs_per_stage=1)
     assert (cur.markers, cur.feedback, cur.thoughts_per_step, cur.stage(1)) == (True, True, 2, 1)

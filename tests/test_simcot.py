@@ -116,7 +116,7 @@ def test_epoch_plan_batches_carry_fixed_shape_step_targets(gsm_world):
     tok = hf.load_tokenizer(gsm_world["model"])
     tokens = latent_vocab.latent_tokens(tok) if tok.convert_tokens_to_ids(latent_vocab.LATENT) else None
     _, examples = data.load_dataset(gsm_world["train"], tok, None, None)
-    cur = data.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
+    cur = methods.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
     targets = StepTargets("brackets", data.step_ids(tok), 3, 2)
     settings = data.PlanSettings(seed=0, batch_size=8, multiple=8, static_shapes=True, step_targets=targets)
     plan = data.EpochPlan(examples, cur, tokens or _fake_latents(tok), 2, 0, settings)
@@ -307,7 +307,7 @@ def _simcot_world(gsm_world, base_layers: int):
     tokens = latent_vocab.LatentTokens(v, v + 1, v + 2, tok.eos_token_id, tok.pad_token_id)
     model = GPT2Model(GPT2Config(vocab_size=v + 3, n_positions=256, n_embd=32, n_layer=base_layers, n_head=2))
     decoder = GPT2Model(GPT2Config(vocab_size=v, n_positions=256, n_embd=32, n_layer=1, n_head=2))
-    cur = data.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
+    cur = methods.Curriculum("simcot", c_thought=2, max_latent_stage=3, epochs_per_stage=1)
     return tok, examples, tokens, model, decoder, cur
 
 

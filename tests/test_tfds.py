@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from coconut_jax import data, hf, latent_vocab, tfds_source
+from coconut_jax import data, hf, latent_vocab, tfds_source, methods
 from coconut_jax.metrics import read_metrics
 from tests.conftest import ROOT, SAMPLE_RECORDS, run_cli
 
@@ -66,7 +66,7 @@ def test_identical_batches_for_the_same_seed(packed, tiny_dir, tmp_path, monkeyp
     _, cached = data.load_dataset("tfds:coconut_gsm8k/gsm_train", tok, cache_dir=str(tmp_path),
                                   with_records=False, tfds_data_dir=data_dir)
     assert cached == from_json
-    cur = data.Curriculum("coconut", 1, 2, 1)
+    cur = methods.Curriculum("coconut", 1, 2, 1)
     tokens = latent_vocab.latent_tokens(tok)
     for stage, epoch in ((0, 0), (2, 3)):
         plans = [data.EpochPlan(ts, cur, tokens, stage, epoch, data.PlanSettings(seed=7, batch_size=8)) for ts in (from_json, from_tfds)]

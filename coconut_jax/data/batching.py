@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from coconut_jax.data.curriculum import IGNORE, Curriculum, Sequences, check_lengths, draw_stages, epoch_order
+from coconut_jax.data.curriculum import IGNORE, Sequences, check_lengths, draw_stages, epoch_order
 from coconut_jax.data.step_targets import StepPlan, StepTargets
 from coconut_jax.data.tokens import Example, TokenizedSet
 
@@ -127,7 +127,7 @@ class EpochPlan:
     batch, but only this host's contiguous share of rows is filled.
     """
     examples: TokenizedSet | Sequence[Example]
-    cur: Curriculum
+    cur: object  # the run's methods.Curriculum
     tokens: object
     stage: int
     epoch: int

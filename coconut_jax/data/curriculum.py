@@ -1,73 +1,19 @@
-"""The stage schedule and what a record becomes at a stage (SPEC §3): which steps are dropped,
-how many thoughts replace them, the evaluation prompt. What differs between methods is read
-from the method's record (coconut_jax/methods/)."""
+"""What a record becomes at a stage (SPEC §3): which steps are dropped, how many thoughts
+replace them, the evaluation prompt. The stage schedule and what differs between methods come
+from the run's curriculum (`methods.Curriculum`, passed in as `cur`: this pipeline does not
+import the methods)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import numpy as np
 
-from coconut_jax import methods
 from coconut_jax.labels import IGNORE
 from coconut_jax.data.records import DataError
 from coconut_jax.data.tokens import Example, TokenizedSet
 
 OVERLONG_POLICIES = ("error", "skip")
-
-
-@dataclasses.dataclass(frozen=True)
-class Curriculum:
-    """The sequence-building settings of SPEC §3 (field names as in the reference YAML)."""
-    method: str = "coconut"
-    c_thought: int = 1
-    max_latent_stage: int = 6
-    epochs_per_stage: int = 5
-    pad_latent_to_max: bool = True
-    uniform_prob: float = 0.0
-    settings: tuple = ()  # the method's own settings ((key, value), ...; `Method.configure`)
-
-    def __post_init__(self):
-        methods.get(self.method).configure(dict(self.settings))  # ValueError naming the known methods or keys
-
-    @classmethod
-    def from_config(cls, c) -> "Curriculum":
-        """A run config's curriculum (a ConfigDict, or run.json's dict of it)."""
-        values = methods.get(c["method"]).values_from(c)
-        return cls(c["method"], c["c_thought"], c["max_latent_stage"], c["epochs_per_stage"], c["pad_latent_to_max"],
-                   c.get("uniform_prob", 0.0), tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
-                                                            for k, v in values.items())))
-
-    @functools.cached_property
-    def spec(self) -> methods.Method:
-        """The method's definition (methods/), with the run's settings, which decides everything below."""
-        return methods.get(self.method).configure(dict(self.settings))
-
-    @property
-    def thoughts_per_step(self) -> int:
-        return self.spec.thoughts_per_step(self.c_thought)
-
-    @property
-    def markers(self) -> bool:
-        return self.spec.latent_tokens
-
-    @property
-    def feedback(self) -> bool:
-        return self.spec.feedback
-
-    def stage(self, epoch: int) -> int:
-        """Scheduled stage of a 0-based epoch."""
-        return self.spec.stage(epoch, self.epochs_per_stage)
-
-    def latent_steps(self, n_steps, stage):
-        """(steps dropped, latent steps) for records with `n_steps` steps trained at `stage`
-        (scalars or NumPy arrays of records alike)."""
-        return self.spec.latent_steps(n_steps, stage, self.max_latent_stage, self.pad_latent_to_max)
-
-    def eval_latents(self, n_steps: int, stage: int) -> int:
-        m = self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, n_steps)
-        return min(m, stage) * self.thoughts_per_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +33,7 @@ class Sequences:
     dropped: np.ndarray  # steps left out (replaced by thoughts, or dropped outright)
 
     @classmethod
-    def at(cls, ts: TokenizedSet, stages: np.ndarray, cur: Curriculum, tokens) -> "Sequences":
+    def at(cls, ts: TokenizedSet, stages: np.ndarray, cur, tokens) -> "Sequences":
         dropped, latent_steps = cur.latent_steps(ts.n_steps, stages)
         first_piece = ts.records[:-1]
         q_start = ts.pieces[first_piece]
@@ -121,19 +67,19 @@ class Sequences:
         return np.concatenate(head + [tail]), np.concatenate([np.full(n_head, IGNORE, np.int32), tail])
 
 
-def training_sequence(ex: Example, stage: int, cur: Curriculum, tokens) -> tuple[list[int], list[int]]:
+def training_sequence(ex: Example, stage: int, cur, tokens) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of SPEC §3 for one record at an (already drawn) stage."""
     ids, labels = Sequences.at(TokenizedSet.from_examples([ex]), np.array([stage]), cur, tokens)[0]
     return ids.tolist(), labels.tolist()
 
 
-def eval_prompt(ex: Example, stage: int, cur: Curriculum, tokens) -> list[int]:
+def eval_prompt(ex: Example, stage: int, cur, tokens) -> list[int]:
     if not cur.markers:
         return list(ex.question)
     return list(ex.question) + [tokens.start] + [tokens.latent] * cur.eval_latents(len(ex.steps), stage) + [tokens.end]
 
 
-def draw_stages(n_steps: np.ndarray, stage: int, cur: Curriculum, seed: int, epoch: int) -> np.ndarray:
+def draw_stages(n_steps: np.ndarray, stage: int, cur, seed: int, epoch: int) -> np.ndarray:
     """Per-record stage of an epoch (`n_steps`: each record's step count): `stage`, or with
     probability uniform_prob a uniform draw from 0..n_steps — a function of (seed, epoch)."""
     n_steps = np.asarray(n_steps)

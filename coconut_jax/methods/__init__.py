@@ -39,6 +39,8 @@ sequences per record, built without JAX; a batch offers `arrays()`, `indices`, `
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
 import pkgutil
 
@@ -68,3 +70,56 @@ def carries_latent_tokens(name: str | None) -> bool:
     """Whether weights saved by method `name` (None or unknown: a plain model) hold the latent rows."""
     method = REGISTRY.get(name) if name else None
     return bool(method and method.latent_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """The sequence-building settings of SPEC §3 (field names as in the reference YAML)."""
+    method: str = "coconut"
+    c_thought: int = 1
+    max_latent_stage: int = 6
+    epochs_per_stage: int = 5
+    pad_latent_to_max: bool = True
+    uniform_prob: float = 0.0
+    settings: tuple = ()  # the method's own settings ((key, value), ...; `Method.configure`)
+
+    def __post_init__(self):
+        get(self.method).configure(dict(self.settings))  # ValueError naming the known methods or keys
+
+    @classmethod
+    def from_config(cls, c) -> "Curriculum":
+        """A run config's curriculum (a ConfigDict, or run.json's dict of it)."""
+        values = get(c["method"]).values_from(c)
+        return cls(c["method"], c["c_thought"], c["max_latent_stage"], c["epochs_per_stage"], c["pad_latent_to_max"],
+                   c.get("uniform_prob", 0.0), tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                            for k, v in values.items())))
+
+    @functools.cached_property
+    def spec(self) -> Method:
+        """The method's definition (methods/), with the run's settings, which decides everything below."""
+        return get(self.method).configure(dict(self.settings))
+
+    @property
+    def thoughts_per_step(self) -> int:
+        return self.spec.thoughts_per_step(self.c_thought)
+
+    @property
+    def markers(self) -> bool:
+        return self.spec.latent_tokens
+
+    @property
+    def feedback(self) -> bool:
+        return self.spec.feedback
+
+    def stage(self, epoch: int) -> int:
+        """Scheduled stage of a 0-based epoch."""
+        return self.spec.stage(epoch, self.epochs_per_stage)
+
+    def latent_steps(self, n_steps, stage):
+        """(steps dropped, latent steps) for records with `n_steps` steps trained at `stage`
+        (scalars or NumPy arrays of records alike)."""
+        return self.spec.latent_steps(n_steps, stage, self.max_latent_stage, self.pad_latent_to_max)
+
+    def eval_latents(self, n_steps: int, stage: int) -> int:
+        m = self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, n_steps)
+        return min(m, stage) * self.thoughts_per_step

@@ -189,8 +189,8 @@ class Method:
     def thought_states(self, model, params, parts, example, stage: int, cur, tokens):
         """[thoughts, E]: the hidden states a question's thoughts are made from, to read through
         the LM head (`generate --show-thoughts`): Coconut's fed-back states."""
-        from coconut_jax import analysis, data
-        return analysis.thoughts(model, params, data.eval_prompt(example, stage, cur, tokens), tokens)
+        from coconut_jax import answers, data
+        return answers.thoughts(model, params, data.eval_prompt(example, stage, cur, tokens), tokens)
 
     # -- the memory plan (coconut_jax.plan), before any data exists --------------------------------
     def plan_batch(self, cur, stage: int, rows: int, length: int, step_length: int):
@@ -229,10 +229,10 @@ class Method:
         return None
 
     def predict(self, model, params, parts, examples, records, stage, cur, tokens, tokenizer, **kw):
-        """Greedy answers to `examples`, scored (`evaluate.Prediction`s); `parts`: {name:
+        """Greedy answers to `examples`, scored (`answers.Prediction`s); `parts`: {name:
         (module, params)} of the parts generation needs. Coconut's prompts and scoring here."""
-        from coconut_jax import evaluate
-        return evaluate.generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, **kw)
+        from coconut_jax import answers
+        return answers.generate_predictions(model, params, examples, records, stage, cur, tokens, tokenizer, **kw)
 
     def thoughts_per_step(self, c_thought: int) -> int:
         return c_thought if self.thoughts else 0

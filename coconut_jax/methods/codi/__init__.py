@@ -246,7 +246,7 @@ class Codi(Method):
         """The reference's test: the file's questions in order, `batch_size` at a time, left-padded
         (to the longest question of the batch, unless pads are masked: then to `multiple`), the
         thoughts, eot, greedy decoding; the answer is the last number of the generated text."""
-        from coconut_jax import evaluate
+        from coconut_jax import answers
         from coconut_jax.data.curriculum import check_lengths
         from coconut_jax.methods.codi import forward
         codi_data = _data()
@@ -259,7 +259,7 @@ class Codi(Method):
             fits = check_lengths([len(q) + 1 + k + max_new_tokens for q in questions], order, context, overlong,
                                  f"prompts with {k} thoughts plus max_new_tokens={max_new_tokens}")
             order = order[fits]
-        size = evaluate.batch_rows(len(order), batch_size, row_multiple) if len(order) else 1
+        size = answers.batch_rows(len(order), batch_size, row_multiple) if len(order) else 1
         running = []
         for s in range(0, len(order), size):
             rows = order[s:s + size]
@@ -282,7 +282,7 @@ class Codi(Method):
                 out = [t for t in toks[r, :kept[r]].tolist() if t < tokens.vocab]
                 text = tokenizer.decode(out, skip_special_tokens=True)
                 answer, correct = score(text, records[i]["answer"], self.setting("answers"))
-                preds.append(evaluate.Prediction(i, text, answer, records[i]["answer"], correct, False, int(kept[r]), k))
+                preds.append(answers.Prediction(i, text, answer, records[i]["answer"], correct, False, int(kept[r]), k))
         return preds
 
 
