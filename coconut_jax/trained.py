@@ -57,10 +57,6 @@ class Trained:
         """The method record, with the run's own settings."""
         return curriculum(self.settings).spec
 
-    def tokens(self):
-        """The ids the method's prompts use (`Method.special_tokens`)."""
-        return self.method.special_tokens(self.tok, self.settings.get("pretrained_vocab", self.config.vocab_size))
-
     def part_args(self) -> dict:
         """{name: (module, params)} of the parts generation needs, as `Method.predict` takes them."""
         spec = self.method

@@ -265,11 +265,7 @@ class Codi(Method):
             rows = order[s:s + size]
             longest = max(len(questions[i]) for i in rows) + 1
             width = codi_data.round_up(longest, multiple) if mask_pads else longest
-            ids = np.full((size, width), tokens.pad, np.int32)
-            mask = np.zeros((size, width), np.int32)
-            for r, i in enumerate(rows):
-                q = list(questions[i]) + [tokens.bot]
-                ids[r, width - len(q):], mask[r, width - len(q):] = q, 1
+            ids, mask = codi_data.encoder_rows([questions[i] for i in rows], size, width, tokens)
             batch = codi_data.Batch({"enc_ids": ids, "enc_mask": mask}, rows, k, tokens.pad)
             arrays = (put or (lambda b: b.arrays()))(batch)
             running.append((rows, forward.generate(model, params, prj, prj_params, arrays["enc_ids"],

@@ -82,6 +82,17 @@ def chain_groups(chain: list[int], tokens: Tokens, n_groups: int) -> list[list[i
     return [g + [tokens.eos] for g in groups]
 
 
+def encoder_rows(questions, rows: int, width: int, tokens: Tokens) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [rows, width] of the student's encoder: each question then `bot`, left-padded
+    with `pad` (the reference's collator); rows beyond the questions all pad."""
+    ids = np.full((rows, width), tokens.pad, np.int32)
+    mask = np.zeros((rows, width), np.int32)
+    for r, q in enumerate(questions):
+        ids[r, width - len(q) - 1:] = np.append(np.asarray(q, np.int32), tokens.bot)
+        mask[r, width - len(q) - 1:] = 1
+    return ids, mask
+
+
 def teacher_chain(steps: list[str], include_last: bool) -> str:
     return " ".join(steps if include_last else steps[:-1])
 
@@ -223,8 +234,7 @@ class Plan:
         we = enc_longest if self.exact_encoder else round_up(max(enc_longest, fixed[1]), m)
         wd = round_up(max(int((self.a_len[rows_all] + 1).max(initial=1)), fixed[2]), m)
         d = {"ref_ids": np.full((share, wt), t.pad, np.int32), "ref_labels": np.full((share, wt), IGNORE, np.int32),
-             "ref_pos": np.zeros(share, np.int32), "enc_ids": np.full((share, we), t.pad, np.int32),
-             "enc_mask": np.zeros((share, we), np.int32), "dec_ids": np.full((share, wd), t.pad, np.int32),
+             "ref_pos": np.zeros(share, np.int32), "dec_ids": np.full((share, wd), t.pad, np.int32),
              "dec_labels": np.full((share, wd), IGNORE, np.int32), "dec_pos": np.zeros(share, np.int32),
              "rows": np.zeros(share, np.float32)}
         for r, i in enumerate(rows.tolist()):
@@ -235,13 +245,13 @@ class Plan:
             d["ref_ids"][r, :len(ref)] = ref
             d["ref_labels"][r, len(q):len(ref)] = ref[len(q):]
             d["ref_pos"][r] = len(q) + len(c) + self.distilled[i]
-            d["enc_ids"][r, we - len(q) - 1:] = np.append(q, t.bot)
-            d["enc_mask"][r, we - len(q) - 1:] = 1
             dec = np.append(t.eot, a)
             d["dec_ids"][r, :len(dec)] = dec
             d["dec_labels"][r, :len(dec)] = dec
             d["dec_pos"][r] = 1 + self.distilled[i]
             d["rows"][r] = 1.0
+        d["enc_ids"], d["enc_mask"] = encoder_rows([self._piece(self.q_start, self.q_len, i) for i in rows.tolist()],
+                                                   share, we, t)
         if self.step_groups:
             d.update(self._step_arrays(rows_all, rows, share, fixed[3]))
         idx = np.full(share, -1, np.int64)
