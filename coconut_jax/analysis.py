@@ -161,12 +161,6 @@ def load_trained(c, step: int | None = None, best_any_stage: bool = False):
     return set_up(c, writes=False)
 
 
-def inference_parts(run) -> dict:
-    """{name: (module, params)} of the parts the run's method generates with."""
-    modules = dict(run.state.part_models)
-    return {p.name: (modules[p.name], run.state.parts[p.name]) for p in run.cur.spec.parts if p.inference}
-
-
 def report_steps(run, question: int, max_k: int | None) -> list[dict]:
     """Prints, for each group of thoughts of a validation question at stage `max_k`, what the
     step decoder writes from it beside the step those thoughts replaced."""
@@ -175,7 +169,7 @@ def report_steps(run, question: int, max_k: int | None) -> list[dict]:
     if decoder is None or run.cur.spec.step_decoding is None:
         raise ConfigError(f"--decode-steps: method={run.c.method!r} has no step decoder (method=simcot has one)")
     spec, ex = run.cur.spec, run.val_examples[question]
-    own = spec.written_steps(run.model, run.params, {**inference_parts(run), "decoder": (decoder,
+    own = spec.written_steps(run.model, run.params, {**run.inference_parts(), "decoder": (decoder,
                              run.state.parts["decoder"])}, ex, run.tokens)
     if own is not None:  # the method pairs its thoughts with its steps itself
         print(f"question {question}: steps written by the decoder from each thought")
@@ -204,7 +198,7 @@ def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> d
     per = cur.thoughts_per_step
     # k counts latent stages (Coconut), each `per` thoughts; by default as many as the run's last stage has.
     max_k = spec.eval_thoughts(cur, cur.max_latent_stage)[0] // max(per, 1) if max_k is None else max_k
-    parts = inference_parts(run)
+    parts = run.inference_parts()
     ex, record = run.val_examples[question], run.val_records[question]
     at, stage = spec.with_thoughts(cur, max_k * per)
     states = spec.thought_states(run.model, run.params, parts, ex, stage, at, tokens)

@@ -62,10 +62,8 @@ class Evaluator:
         if eval_loss:
             out.update(self.loss(stage))
         one_process = jax.process_count() == 1
-        parts = {p.name: (dict(run.state.part_models)[p.name], run.state.parts[p.name])
-                 for p in run.cur.spec.parts if p.inference}
         preds = run.cur.spec.predict(
-            run.model, run.params, parts, run.val_examples, run.val_records, stage, run.cur, run.tokens, run.tok,
+            run.model, run.params, run.inference_parts(), run.val_examples, run.val_records, stage, run.cur, run.tokens, run.tok,
             # Sharded over this host's devices: batches padded to a multiple of them with unscored filler rows.
             batch_size=self.rows, row_multiple=ctx.data_devices if one_process else 1,
             max_new_tokens=self.max_new, multiple=c.eval_pad_to_multiple, context=run.model.config.n_positions,

@@ -87,6 +87,11 @@ class Run:
         return self.cur.spec.epoch_plan(examples, self.cur, self.tokens, stage, epoch, settings, shuffle,
                                         static_shapes)
 
+    def inference_parts(self) -> dict:
+        """{name: (module, params)} of the parts the run's method generates with."""
+        modules = dict(self.state.part_models)
+        return {p.name: (modules[p.name], self.state.parts[p.name]) for p in self.cur.spec.parts if p.inference}
+
     def put(self, batch):
         """A batch's arrays on the mesh, sharded over the data-parallel devices."""
         return sharding.put_batch(self.ctx.mesh, batch.arrays())

@@ -200,12 +200,18 @@ def import_reference_state_dict(sd: dict, config, source: str, lora_alpha: float
             sd = {k[len(REFERENCE_PREFIX):]: v for k, v in sd.items() if k.startswith(REFERENCE_PREFIX)}
     if peft_format.has_adapters(sd):
         sd = peft_format.merge_state_dict(sd, lora_alpha, models.family(models.model_type(config)))
+    return _at_own_vocabulary(sd, config, source), parts, method
+
+
+def _at_own_vocabulary(sd: dict, config, source: str) -> dict:
+    """A Hugging Face state dict's params, the vocabulary size its embedding's (a reference's
+    checkpoints and parts carry the rows they were saved with)."""
     names = hf.naming(config)
     embedding = next(t.name for t in names.tensors if t.path == ("wte",))
     wte = sd.get(names.prefix + embedding, sd.get(embedding))
     if wte is None:
         raise hf.CheckpointError(f"{source}: missing tensor(s): {names.prefix + embedding}")
-    return hf.state_dict_to_params(sd, dataclasses.replace(config, vocab_size=wte.shape[0]), source), parts, method
+    return hf.state_dict_to_params(sd, dataclasses.replace(config, vocab_size=wte.shape[0]), source)
 
 
 def _from_reference(source: Source, ask: Ask) -> Weights:
@@ -279,11 +285,8 @@ def part_weights(source: Source, method: str, model_id: str, held: dict) -> dict
         elif part.name in held:
             params = held[part.name]
             config = _pretrained_config(model_id)
-            if isinstance(params, methods.base.HFStateDict):  # a reference's saved part, at its own vocabulary
-                names = hf.naming(config)
-                wte = next(v for k, v in params.items() if k.endswith(names.tensors[0].name))
-                config = dataclasses.replace(config, vocab_size=wte.shape[0])
-                params = hf.state_dict_to_params(dict(params), config, f"part {part.name!r}")
+            if isinstance(params, methods.base.HFStateDict):  # a reference's saved part
+                params = _at_own_vocabulary(dict(params), config, f"part {part.name!r}")
             out[part.name] = (dataclasses.replace(config, vocab_size=params["wte"].shape[0]), params)
         else:
             out[part.name] = hf.load_pretrained(model_id)

@@ -101,10 +101,7 @@ class Codi(Method):
                                 int(self.setting("max_token_num")), self.setting("answers"))
 
     def training_records(self, examples) -> int:
-        ts = _data().TokenizedSet.from_examples(examples)
-        if not len(ts):
-            return 0
-        return int(np.sum(ts.tokens[ts.pieces[ts.records[:-1] + 3]] == 1))
+        return int(np.sum(_data().verdicts(_data().TokenizedSet.from_examples(examples))[0]))
 
     def import_state_dict(self, state_dict):
         """The reference's saved CODI module: the model under `codi.` (`codi.base_model.model.*`

@@ -93,6 +93,14 @@ def encoder_rows(questions, rows: int, width: int, tokens: Tokens) -> tuple[np.n
     return ids, mask
 
 
+def verdicts(ts: TokenizedSet) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each record trains [R] bool, its answer's distilled token [R]) from the verdict pieces."""
+    if not len(ts):
+        return np.zeros(0, bool), np.zeros(0, np.int64)
+    v = ts.tokens[ts.pieces[ts.records[:-1] + 3][:, None] + np.arange(2)]
+    return v[:, 0] == 1, v[:, 1].astype(np.int64)
+
+
 def teacher_chain(steps: list[str], include_last: bool) -> str:
     return " ".join(steps if include_last else steps[:-1])
 
@@ -186,8 +194,7 @@ class Plan:
         self.q_start, self.q_len = ts.pieces[first], length(0)
         self.c_start, self.c_len = ts.pieces[first + 1], length(1)
         self.a_start, self.a_len = ts.pieces[first + 2], length(2)
-        verdict = ts.tokens[ts.pieces[first + 3][:, None] + np.arange(2)] if len(ts) else np.zeros((0, 2), np.int32)
-        kept, self.distilled = verdict[:, 0] == 1, verdict[:, 1].astype(np.int64)
+        kept, self.distilled = verdicts(ts)
         self.teacher_len = self.q_len + self.c_len + self.a_len
         self.student_len = self.q_len + 1 + n_latent + 1 + self.a_len
         if s.max_len is not None and len(ts):
