@@ -3,7 +3,8 @@ the ways the model can run, at a plain LM step and a 6-thought Coconut step.
 
     python benchmarks/train_step.py [--shapes tiny|gpt2|llama_tiny|llama1b|llama3b|llama8b] [--batch B --length T]
                                     [--bf16] [--param-dtype bfloat16] [--time] [--repeats 5]
-                                    [--modes before,after,after_remat] [--simcot] [--lora R] [--no-full] [--codi]
+                                    [--modes before,after,after_remat] [--thought-cost] [--simcot] [--lora R]
+                                    [--no-full] [--codi]
 
 Shapes: `tiny` and `llama_tiny` run on 2 CPU cores (a 2-layer GPT-2; a 2-layer Llama with
 grouped-query attention, RoPE with llama3 scaling and an untied head); `gpt2` is GPT-2 small,
@@ -22,6 +23,14 @@ temporaries and the total live at once (outputs reuse the donated params and sta
 and, on a GPU/TPU of known peak, model FLOP utilisation (6 x params x tokens + attention).
 Every ratio of two steps (`..._over_...`) is taken within each round of the interleaved repeats
 (both steps timed under the same load) and printed as the median, min and max over the rounds.
+`--thought-cost` adds, at each thought count N > 0, the same batch as a plain LM step (`{mode}@N+plain`:
+the same rows, positions and padding, the latent positions read as tokens) and the N-thought step
+with the thought scan's weight gradients formed per pass as `jax.grad` of the plain scan does
+(`{mode}@N+per_pass`), with the ratios `{mode}_thoughts_over_plain@N` (what the thoughts cost)
+and `{mode}_per_pass_over_product@N` (what forming their kernel gradients as one product after
+the scan saves). The N-thought rows are aligned at their first latent (SPEC's batching), so
+their batch is wider than the 0-thought one of as many tokens: `{mode}_6_thoughts_over_0_thoughts`
+compares the two batches, alignment padding included.
 `--simcot` adds, at each thought count, the SIM-CoT step as a run takes it (Coconut's plus the
 step decoder, a second copy of the model without the latent rows, over the thoughts' groups of 2
 and 24-token steps; two loss terms, one backward pass) and its ratio to the Coconut step
@@ -98,10 +107,13 @@ def make_batch(batch, length, n_thoughts, vocab):
     return data.collate(seqs, list(range(batch)), latent_id=latent, pad_id=0, batch_size=batch, multiple=32)
 
 
-def step_fn(model, tx, b, loss_chunk, feedback):
+def step_fn(model, tx, b, loss_chunk, feedback, deferred=True):
+    """The full fine-tuning step; `feedback=False` runs the batch as a plain LM (the latent
+    positions read as tokens), `deferred=False` the thought scan's per-pass weight gradients."""
     def loss(p, arrays, key):
-        s, n = coconut.loss_terms(model, p, arrays, b.prefix_len, b.n_latent, feedback=feedback, dropout_key=key,
-                                  loss_chunk=loss_chunk)
+        hidden = coconut.latent_forward(model, p, arrays, b.prefix_len, b.n_latent, feedback=feedback,
+                                        dropout_key=key, deferred=deferred)
+        s, n = coconut.hidden_nll(model, p, hidden, arrays["labels"], loss_chunk)
         return s / n
 
     def step(p, o, arrays, key):
@@ -277,6 +289,9 @@ def main():
     p.add_argument("--lora", type=int, default=0, help="also the LoRA step with adapters of this rank")
     p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on the adapters' input")
     p.add_argument("--no-full", action="store_true", help="leave the full fine-tuning step out")
+    p.add_argument("--thought-cost", action="store_true",
+                   help="also, at each thought count > 0, the same batch as a plain LM step (+plain) and the thought "
+                        "scan's per-pass weight gradients (+per_pass)")
     p.add_argument("--codi", action="store_true",
                    help="also the CODI step (needs --lora R) at each thought count > 0, and its teacher and student "
                         "terms alone")
@@ -318,6 +333,11 @@ def main():
             variants = [] if a.no_full else [
                 (f"{mode}@{n}", step_fn(model, tx, b, m["loss_chunk"], feedback=n > 0), (abstract, abstract_opt),
                  arrays)]
+            if a.thought_cost and n > 0 and not a.no_full:
+                variants += [(f"{mode}@{n}+plain", step_fn(model, tx, b, m["loss_chunk"], feedback=False),
+                              (abstract, abstract_opt), arrays),
+                             (f"{mode}@{n}+per_pass", step_fn(model, tx, b, m["loss_chunk"], feedback=True,
+                                                              deferred=False), (abstract, abstract_opt), arrays)]
             if a.lora:
                 variants.append((f"{mode}@{n}+lora", lora_step_fn(lora_model(cfg, a.lora, dtype, a.lora_dropout, **m["model"]), tx, b,
                                                                   m["loss_chunk"], feedback=n > 0),
@@ -430,9 +450,17 @@ def main():
                     out[f"{mode}_codi_over_coconut_lora@{n}"] = ratio(times[name], times[f"{mode}@{n}+lora"])
                 for part in ("teacher", "student"):  # where the time goes
                     out[f"{mode}_codi_{part}_over_codi@{n}"] = ratio(times[f"{name}_{part}"], times[name])
+        for name in times:
+            if name.endswith("+plain"):
+                base = name[:-len("+plain")]
+                mode, n = base.split("@")
+                # The thoughts' own cost: the same batch, positions and padding, without the feedback.
+                out[f"{mode}_thoughts_over_plain@{n}"] = ratio(times[base], times[name])
+                out[f"{mode}_per_pass_over_product@{n}"] = ratio(times[base + "+per_pass"], times[base])
         for mode in a.modes.split(","):
             if f"{mode}@6" in times and f"{mode}@0" in times:
-                out[f"{mode}_6_thoughts_over_plain"] = ratio(times[f"{mode}@6"], times[f"{mode}@0"])
+                # Batches of different widths: the 6-thought rows are aligned at their first latent.
+                out[f"{mode}_6_thoughts_over_0_thoughts"] = ratio(times[f"{mode}@6"], times[f"{mode}@0"])
     print(json.dumps(out, indent=1))
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from coconut_jax.labels import IGNORE
+from coconut_jax.models import weight_product
 from coconut_jax.models.common import FunctionalModel
 
 
@@ -37,7 +38,7 @@ def _write(cache, kv, slot):
 
 
 def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,
-                   dropout_key=None, with_kv: bool = False):
+                   dropout_key=None, with_kv: bool = False, deferred: bool = True):
     """Hidden states [B,T,E] of a batch with its continuous thoughts.
 
     `feedback=False` is a plain LM pass over the same tokens (pause-as-thought and the
@@ -47,7 +48,9 @@ def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_la
     Each part attends to the keys/values of the parts before it; the thought passes carry
     only their own n-1 positions' keys/values through the scan (the prefix's are a
     constant), so a thought pass costs one position against p+n keys, and the backward
-    pass stores no per-thought copy of a full-length cache.
+    pass stores no per-thought copy of a full-length cache. The layers' kernel gradients of the
+    thought passes are formed once after them (`weight_product.scan`; `deferred=False`: by
+    `jax.grad` of the plain scan, one full-size product per thought, the same values).
     """
     ids, mask, pos = arrays["input_ids"], arrays["attention_mask"], arrays["position_ids"]
     params = model.stack_layers(params)
@@ -68,17 +71,21 @@ def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_la
     if m:
         mid_mask = mask[:, p:p + m].astype(bool)
         kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:3] + (m,) + a.shape[4:], a.dtype), kv_pre)
+        mid = slice(p, p + m)
+        consts = dict(latent=latent[:, mid], embeds=embeds[:, mid], pos=pos[:, mid], mask=mask[:, mid],
+                      mid_mask=mid_mask, past=past, key=k_mid)
 
-        def thought_pass(carry, k):
+        def thought_pass(params, c, carry, k):
             kv_mid, thought = carry
-            i = p + k
-            x = jnp.where(take(latent, i)[..., None], thought[:, None], take(embeds, i))
-            filled = mid_mask & (jnp.arange(m) < k)[None]
-            key = None if k_mid is None else jax.random.fold_in(k_mid, k)
-            h, kv = model.body(params, x, take(pos, i), take(mask, i), past + [_segment(kv_mid, filled)], key)
+            x = jnp.where(take(c["latent"], k)[..., None], thought[:, None], take(c["embeds"], k))
+            filled = c["mid_mask"] & (jnp.arange(m) < k)[None]
+            key = None if c["key"] is None else jax.random.fold_in(c["key"], k)
+            h, kv = model.body(params, x, take(c["pos"], k), take(c["mask"], k), c["past"] + [_segment(kv_mid, filled)],
+                               key)
             return (_write(kv_mid, kv, k), h[:, 0]), h[:, 0]
 
-        (kv_mid, thought), h_mid = jax.lax.scan(thought_pass, (kv_mid, thought), jnp.arange(m))
+        (kv_mid, thought), h_mid = weight_product.scan(thought_pass, params, consts, (kv_mid, thought), jnp.arange(m),
+                                                       n_layer=model.config.n_layer, deferred=deferred)
         past.append(_segment(kv_mid, mid_mask))
     r = p + m
     rest = embeds[:, r:]
@@ -113,24 +120,62 @@ def token_nll(logits, labels):
 
 def chunked_token_nll(model: FunctionalModel, params, hidden, labels, chunk: int):
     """`token_nll(model.logits(params, hidden), labels)` without the [B,T,V] f32 logits: the
-    positions go through the tied head `chunk` at a time in a scan whose body is
-    rematerialised, so the forward and the backward pass hold one chunk's logits."""
+    positions go through the head `chunk` at a time in a scan (`_chunked_nll`), so no pass
+    holds more than one chunk's logits."""
     h, targets = hidden[:, :-1], labels[:, 1:]
     b, t, e = h.shape
     n = -(-t // chunk)
     pad = n * chunk - t
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, e).swapaxes(0, 1)
     targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(b, n, chunk).swapaxes(0, 1)
+    head = {k: params[k] for k in model.head_keys() if k in params}
+    return _chunked_nll(model, head, h, targets)
 
-    @jax.checkpoint
-    def one(h_c, t_c):
-        return _nll_sums(model.logits(params, h_c), t_c)
 
+def _nll_and_logit_cotangent(logits, targets):
+    """(summed nll, count, d sum / d logits) of one chunk: softmax minus the target's one-hot on
+    labelled positions, formed without a [.., V] one-hot."""
+    valid = targets != IGNORE
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(valid, targets, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    hit = jnp.arange(logp.shape[-1]) == safe[..., None]
+    d = jnp.where(valid[..., None], jnp.exp(logp) - hit, 0.0)
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32), d
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_nll(model, head, h, targets):
+    """(summed nll, count) over chunks [n, B, chunk, ...]. Its gradient is formed in the
+    forward pass, one chunk at a time: the head's three products per chunk (logits, then the
+    pullback of the logits' cotangent to the head and to h), where rematerialising the chunk
+    for the backward would run the head's largest product twice."""
     def step(carry, xs):
-        s, c = one(*xs)
+        s, c = _nll_sums(model.logits(head, xs[0]), xs[1])
         return (carry[0] + s, carry[1] + c), None
     (total, count), _ = jax.lax.scan(step, (jnp.float32(0), jnp.float32(0)), (h, targets))
     return total, count
+
+
+def _chunked_nll_fwd(model, head, h, targets):
+    def step(carry, xs):
+        total, count, d_head = carry
+        logits, pull = jax.vjp(model.logits, head, xs[0])
+        s, c, d_logits = _nll_and_logit_cotangent(logits, xs[1])
+        dp, dh = pull(d_logits)
+        return (total + s, count + c, jax.tree.map(lambda a, g: a + g.astype(jnp.float32), d_head, dp)), dh
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), head)
+    (total, count, d_head), dh = jax.lax.scan(step, (jnp.float32(0), jnp.float32(0), zeros), (h, targets))
+    return (total, count), (d_head, dh, jax.tree.map(lambda a: jnp.zeros((), a.dtype), head))
+
+
+def _chunked_nll_bwd(model, res, ct):
+    d_head, dh, dtypes = res
+    g = ct[0]  # the summed nll's cotangent (the count takes none)
+    return (jax.tree.map(lambda d, like: (g * d).astype(like.dtype), d_head, dtypes), (g * dh).astype(dh.dtype), None)
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def loss_terms(model: FunctionalModel, params, arrays, prefix_len: int, n_latent: int, *, feedback: bool = True,

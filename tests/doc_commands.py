@@ -167,7 +167,10 @@ def parse_one(root: str, words: list[str]) -> str | None:
             run = lambda: runpy.run_module(words[2], run_name="__main__", alter_sys=True)
         else:
             sys.argv = [words[1], *words[2:]]
-            run = lambda: runpy.run_path(os.path.join(root, words[1]), run_name="__main__")
+            # As `python path/script.py` does: the script's folder first on the import path.
+            script = os.path.join(root, words[1])
+            sys.path.insert(0, os.path.dirname(script))
+            run = lambda: runpy.run_path(script, run_name="__main__")
         signal.signal(signal.SIGALRM, _too_long)
         signal.alarm(LIMIT_S)
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -183,6 +186,8 @@ def parse_one(root: str, words: list[str]) -> str | None:
         return f"{type(e).__name__}: {e}"
     finally:
         signal.alarm(0)
+        if words[1] != "-m":
+            sys.path.remove(os.path.dirname(os.path.join(root, words[1])))
         sys.argv = argv
         os.environ.clear()
         os.environ.update(environ)

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from coconut_jax.models import lora as lora_lib
+from coconut_jax.models import weight_product
 
 # Logical axis names. `sharding.LOGICAL_RULES` maps them to mesh axes.
 VOCAB, EMBED, POSITION, MLP = "vocab", "embed", "position", "mlp"
@@ -225,6 +226,10 @@ class FunctionalModel:
             x = lora_lib.embed_rows(x, ids, params[lora_lib.TOKEN_ROWS], self.lora.token_ids)
         return x
 
+    def head_keys(self) -> tuple[str, ...]:
+        """The top-level params `logits` reads."""
+        return (EMBEDDING, HEAD, lora_lib.TOKEN_ROWS)
+
     def logits(self, params, hidden):
         """Through the tied embedding, or the untied `lm_head` when the params hold one."""
         head = params.get(HEAD, params[EMBEDDING])
@@ -237,9 +242,9 @@ class FunctionalModel:
         """A projection (`linear`), plus its LoRA adapter when `p` holds one (`key`: the
         adapter's dropout key, None in evaluation)."""
         y = linear(p, x, spec)
-        if lora_lib.ADAPTER_A not in p:
-            return y
-        return y + lora_lib.adapter(p, dropout(x, self.lora.dropout, key), spec, self.lora)
+        if lora_lib.ADAPTER_A in p:
+            y = y + lora_lib.adapter(p, dropout(x, self.lora.dropout, key), spec, self.lora)
+        return weight_product.tap(p, x, y, spec)  # y itself unless a thought scan records
 
     def adapter_keys(self, key, n: int):
         """`n` dropout keys for a layer's adapters, derived from one of the layer's own keys (so
@@ -258,9 +263,18 @@ class FunctionalModel:
         layers = [params["h"][str(i)] for i in range(self.config.n_layer)]
         return {**params, "h": jax.tree.map(lambda *a: jnp.stack(a), *layers)}
 
-    def _layer_fn(self):
+    def _layer_fn(self, found: dict | None = None):
+        """One layer as the loop runs it (rematerialised per `remat`). With `found` (inside a
+        `weight_product.scan`), it takes the layer's projection taps after its params and also
+        returns the projections' inputs, leaving what it found of them in `found`."""
+        def recorded(p, taps, *args):
+            with weight_product.layer(p, taps) as rec:
+                out = self._layer(p, *args)
+            found.update(rec.projections)
+            return out, rec.inputs
+        fn = self._layer if found is None else recorded
         policy = REMAT_POLICIES[self.remat]
-        return self._layer if self.remat == "none" else jax.checkpoint(self._layer, policy=policy)
+        return fn if self.remat == "none" else jax.checkpoint(fn, policy=policy)
 
     def body(self, params, embeds, positions, key_mask, past=(), dropout_key=None, taps=None):
         """Runs the transformer on `embeds` (token embeddings or continuous thoughts).
@@ -281,7 +295,16 @@ class FunctionalModel:
         x, ctx = self._inputs(params, embeds.astype(self.dtype), positions, keys[0])
         self_allowed = jnp.tril(jnp.ones((t, t), bool))[None] & key_mask.astype(bool)[:, None, :]
         past_allowed = [seg["mask"].astype(bool)[:, None, :] for seg in past]
-        layer = self._layer_fn()
+        recording = weight_product.active()
+        found = None if recording is None else {}
+        layer_taps = None if recording is None else recording.next_taps()
+        layer = self._layer_fn(found)
+
+        def run_layer(p, taps, *args):  # (x, kv, the projections' inputs or None)
+            if found is None:
+                return (*layer(p, *args), None)
+            (x, kv), inputs = layer(p, taps, *args)
+            return x, kv, inputs
         rows = jnp.arange(x.shape[0])
 
         def tap(x):
@@ -289,25 +312,31 @@ class FunctionalModel:
         first = tap(x)
         if self.scan_layers:
             def step(x, xs):
-                p, seg_kv, layer_keys = xs
+                p, seg_kv, layer_keys, t = xs
                 layer_past = [(k, v, allowed) for (k, v), allowed in zip(seg_kv, past_allowed)]
-                x, kv = layer(p, x, self_allowed, layer_past, ctx, [None] * per if layer_keys is None else list(layer_keys))
-                return x, (kv, tap(x))
+                x, kv, inputs = run_layer(p, t, x, self_allowed, layer_past, ctx,
+                                          [None] * per if layer_keys is None else list(layer_keys))
+                return x, (kv, tap(x), inputs)
             stacked = self.stack_layers(params)["h"]
             seg_kv = [(seg["k"], seg["v"]) for seg in past]
             layer_keys = None if dropout_key is None else jnp.stack(keys[1:]).reshape(n, per)
-            x, ((new_k, new_v), tapped) = jax.lax.scan(step, x, (stacked, seg_kv, layer_keys))
+            x, ((new_k, new_v), tapped, inputs) = jax.lax.scan(step, x, (stacked, seg_kv, layer_keys, layer_taps))
         else:
-            new_k, new_v, tapped = [], [], []
+            new_k, new_v, tapped, inputs = [], [], [], []
             for i in range(n):
                 layer_past = [(seg["k"][i], seg["v"][i], allowed) for seg, allowed in zip(past, past_allowed)]
-                x, (k, v) = layer(params["h"][str(i)], x, self_allowed, layer_past, ctx,
-                                  keys[1 + per * i: 1 + per * (i + 1)])
+                x, (k, v), layer_inputs = run_layer(
+                    params["h"][str(i)], None if layer_taps is None else jax.tree.map(lambda a: a[i], layer_taps),
+                    x, self_allowed, layer_past, ctx, keys[1 + per * i: 1 + per * (i + 1)])
                 new_k.append(k)
                 new_v.append(v)
                 tapped.append(tap(x))
+                inputs.append(layer_inputs)
             new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
             tapped = None if taps is None else jnp.stack(tapped)
+            inputs = None if found is None else jax.tree.map(lambda *a: jnp.stack(a), *inputs)
+        if recording is not None:
+            weight_product.body_done(found, inputs if layer_taps is not None else None)
         hidden, kv = self._final(params, x), {"k": new_k, "v": new_v}
         if taps is None:
             return hidden, kv

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coconut_jax.models import weight_product
 from coconut_jax.models.common import EMBED, MLP
 
 _LN_EPS = 1e-5
@@ -116,15 +117,17 @@ def encode(model, params, prj, prj_params, enc_ids, enc_mask, n_latent: int, mas
     past = [_segment(kv_enc, past_mask)]
     kv_mid = jax.tree.map(lambda a: jnp.zeros(a.shape[:3] + (n_latent,) + a.shape[4:], a.dtype), kv_enc)
 
-    def thought_pass(carry, k):
+    def thought_pass(params, c, carry, k):
         kv_mid, h_prev = carry
-        z = prj(prj_params, h_prev)[:, None]
+        z = prj(c["prj"], h_prev)[:, None]
         filled = jnp.broadcast_to(jnp.arange(n_latent) < k, (b, n_latent))
-        key = None if k_mid is None else jax.random.fold_in(k_mid, k)
-        h, kv = model.body(params, z, (start + k)[:, None], jnp.ones((b, 1), bool), past + [_segment(kv_mid, filled)],
-                           key)
+        key = None if c["key"] is None else jax.random.fold_in(c["key"], k)
+        h, kv = model.body(params, z, (c["start"] + k)[:, None], jnp.ones((b, 1), bool),
+                           c["past"] + [_segment(kv_mid, filled)], key)
         return (_write(kv_mid, kv, k), h[:, 0]), (h_prev, z[:, 0])
-    (kv_mid, h_last), (sources, fed) = jax.lax.scan(thought_pass, (kv_mid, h_enc[:, -1]), jnp.arange(n_latent))
+    consts = dict(prj=prj_params, start=start, past=past, key=k_mid)
+    (kv_mid, h_last), (sources, fed) = weight_product.scan(thought_pass, params, consts, (kv_mid, h_enc[:, -1]),
+                                                           jnp.arange(n_latent), n_layer=model.config.n_layer)
     return Encoded(past + [_segment(kv_mid, jnp.ones((b, n_latent), bool))], start + n_latent, sources, fed, h_last)
 
 
