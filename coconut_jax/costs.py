@@ -97,12 +97,14 @@ def step_memory(model, layout, update, method, arrays: dict, *, prefix_len: int,
     key = (jax.random.key(0), np.int32(0), np.int32(0))
     acc = steps.accumulate.lower(model, layout.trained, layout.acc, arrays, key, steps.abstract_scales(method),
                                  method=method, prefix_len=prefix_len, n_latent=n_latent, loss_chunk=loss_chunk,
-                                 frozen=layout.frozen, part_models=layout.part_models).compile().memory_analysis()
+                                 frozen=layout.frozen, part_models=layout.part_models,
+                                 frozen_parts=layout.frozen_parts).compile().memory_analysis()
     upd = update.lower(layout.trained, layout.opt_state, layout.acc).compile().memory_analysis()
     parts = layout.trained["parts"] if layout.part_models else {}
-    params = device_bytes(layout.params) + device_bytes(parts)
+    frozen_parts = device_bytes(layout.frozen_parts) if layout.frozen_parts else 0
+    params = device_bytes(layout.params) + device_bytes(parts) + frozen_parts
     opt, grads = device_bytes(layout.opt_state), device_bytes(layout.acc)
-    frozen = device_bytes(layout.frozen) if layout.frozen else 0
+    frozen = (device_bytes(layout.frozen) if layout.frozen else 0) + frozen_parts
     out = {"params_gb": params / GB, "optimizer_gb": opt / GB, "accumulator_gb": grads / GB,
            "batch_gb": device_bytes(arrays) / GB}
     if acc is None or upd is None:  # a backend without the analysis

@@ -94,9 +94,9 @@ def stage_plan(c, mesh, cur, config, stage: int, length: int, step_length: int) 
 def part_modules(c, spec, config) -> tuple:
     """((name, module), ...) of the method's parts: a "pretrained" part is model_id's model (its
     config, weights.part_weights), a "fresh" one the method's own module."""
-    from coconut_jax.run import build_model
+    from coconut_jax.run import part_model
     return tuple((p.name, spec.part_module(p, config) if p.source == "fresh"
-                  else build_model(c, _pretrained_config(c), lora=False)) for p in spec.parts)
+                  else part_model(c, spec, p, _pretrained_config(c))) for p in spec.parts)
 
 
 def eval_plan(c, mesh, cur, config, stage: int, length: int) -> dict:

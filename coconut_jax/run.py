@@ -189,10 +189,25 @@ def build_run(ctx: RunContext) -> Run:
     return run
 
 
+def part_model(c, spec, part, config):
+    """The module of a "pretrained" part: the family's model of `config`, with LoRA adapters of
+    the part's rank setting (`Part.lora_rank`) when it is > 0 (the run's `lora` alpha, dropout and
+    targets; no token rows)."""
+    rank = int(spec.setting(part.lora_rank)) if part.lora_rank else 0
+    module = build_model(c, config, lora=False)
+    if not rank:
+        return module
+    family = models.family(models.model_type(config))
+    adapters = lora_lib.Lora(rank=rank, alpha=float(c.lora.alpha), dropout=float(c.lora.dropout),
+                             targets=config_lib.checked(lora_lib.resolve_targets, family, tuple(c.lora.targets)))
+    return module.replace(lora=adapters)
+
+
 def build_parts(c, spec, model, stored: dict) -> dict:
     """{name: (module, host params or None)} of the method's parts: a "pretrained" part is the
-    family's model of its config; a "fresh" one the method's module (`Method.part_module`),
-    from its stored params (a hand-off) or the run's seed (a resume then restores its own)."""
+    family's model of its config (fresh adapters added when it has LoRA's and its weights none);
+    a "fresh" one the method's module (`Method.part_module`), from its stored params (a
+    hand-off) or the run's seed (a resume then restores its own)."""
     out = {}
     for part in spec.parts:
         config_or_none, params = stored[part.name]
@@ -200,7 +215,13 @@ def build_parts(c, spec, model, stored: dict) -> dict:
             module = spec.part_module(part, model.config)
             out[part.name] = (module, params if params is not None else module.init(c.seed))
         else:
-            out[part.name] = (build_model(c, config_or_none, lora=False), params)
+            module = part_model(c, spec, part, config_or_none)
+            if params is not None and module.lora is None and lora_lib.has_adapters(params):
+                raise config_lib.ConfigError(f"config: the {part.name} handed on carries LoRA adapters; set "
+                                             f"{part.lora_rank or 'its LoRA rank'} to their rank to go on with them")
+            if module.lora is not None and params is not None and not lora_lib.has_adapters(params):
+                params = lora_lib.attach(module, params, c.seed)
+            out[part.name] = (module, params)
     return out
 
 

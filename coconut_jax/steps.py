@@ -60,12 +60,13 @@ def abstract_scales(method) -> dict | None:
 @functools.partial(jax.jit, static_argnames=("model", "method", "prefix_len", "n_latent", "loss_chunk", "part_models"),
                    donate_argnums=(2,))
 def accumulate(model, trained, acc, arrays, key, scales=None, *, method, prefix_len, n_latent, loss_chunk=0,
-               frozen=None, part_models=()):
+               frozen=None, part_models=(), frozen_parts=None):
     """Adds one micro-batch's gradient of the loss (and each term's sum and count) to `acc`.
 
     `trained`: the optimizer's tree (`trainable`: the model's params when everything trains and
     the method adds no part); `frozen`: the model's params that do not train (None: none);
-    `part_models`: ((name, model), ...) of the method's parts, whose params are in `trained`.
+    `part_models`: ((name, model), ...) of the method's parts, whose params are in `trained`
+    (their frozen params, under LoRA on a part, in `frozen_parts`: {name: params}).
     `method`: the run's `methods.Method`, whose `loss_terms` is the loss. One backward pass
     whatever the number of terms: the first term's sum gets cotangent 1 and each other term
     the step's `scales` (`term_scales`), so the accumulated gradient divided once by the first
@@ -79,7 +80,7 @@ def accumulate(model, trained, acc, arrays, key, scales=None, *, method, prefix_
         key = jax.random.fold_in(jax.random.fold_in(base, step), micro)
 
     def f(t):
-        params, parts = trainable.unpack(t, frozen, bool(part_models))
+        params, parts = trainable.unpack(t, frozen, bool(part_models), frozen_parts)
         terms = method.loss_terms(model, params, arrays, prefix_len=prefix_len, n_latent=n_latent, dropout_key=key,
                                   loss_chunk=loss_chunk, parts=_part_args(part_models, parts))
         return {t: s for t, (s, _) in terms.items()}, {t: n for t, (_, n) in terms.items()}
@@ -107,7 +108,7 @@ def train_step(state: "TrainState", micro_batches, *, method, base_key, step: in
     for k, (batch, arrays) in enumerate(micro_batches):
         acc = accumulate(state.model, state.trained, acc, arrays, (base_key, np.int32(step), np.int32(k)), scales,
                          method=method, prefix_len=batch.prefix_len, n_latent=batch.n_latent, loss_chunk=loss_chunk,
-                         frozen=state.frozen, part_models=state.part_models)
+                         frozen=state.frozen, part_models=state.part_models, frozen_parts=state.frozen_parts)
     losses, acc = state.update(acc)
     state.keep_accumulator(acc)
     return losses
@@ -201,9 +202,12 @@ class Layout:
         placed = {name: placed_shapes(m, mesh, param_dtype) for name, m in self.part_models}
         self.part_sh = {name: sh for name, (sh, _) in placed.items()}
         parts = {name: shapes for name, (_, shapes) in placed.items()}
+        modules = dict(self.part_models)
         model_trained, self.frozen = trainable.split(self.params, trains)
-        self.trained = trainable.pack(model_trained, parts)
-        self.trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0], self.part_sh)
+        parts_trained, self.frozen_parts = trainable.split_parts(parts, modules)
+        self.trained = trainable.pack(model_trained, parts_trained)
+        self.trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0],
+                                         trainable.split_parts(self.part_sh, modules)[0])
         self.scalar = NamedSharding(mesh, P())
         opt_shapes = jax.eval_shape(tx.init, self.trained)
         self.opt_sh = like_params(opt_shapes, self.trained, self.scalar)
@@ -259,7 +263,8 @@ class TrainState:
         part_params = {name: self._place(parts[name][1], lay.part_sh[name], m.param_shapes(param_dtype))
                        for name, m in self.part_models}
         model_trained, self.frozen = trainable.split(params, trains)
-        self.trained = trainable.pack(model_trained, part_params)
+        parts_trained, self.frozen_parts = trainable.split_parts(part_params, dict(self.part_models))
+        self.trained = trainable.pack(model_trained, parts_trained)
         terms = lay.terms
         self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
         self.update_fn = make_update(tx, loss, lay)
@@ -280,7 +285,7 @@ class TrainState:
 
     @property
     def parts(self) -> dict:
-        return trainable.unpack(self.trained, self.frozen, bool(self.part_models))[1]
+        return trainable.unpack(self.trained, self.frozen, bool(self.part_models), self.frozen_parts)[1]
 
     def reset_optimizer(self) -> None:
         """New moments (the reference resets them every epoch); a schedule keeps its position."""
@@ -324,5 +329,6 @@ class TrainState:
         model_trained, frozen = trainable.split(state["params"], self.trains)
         if self.base_in_checkpoint:
             self.frozen = frozen
-        self.trained = trainable.pack(model_trained, state.get("parts") or {})
+        parts_trained, self.frozen_parts = trainable.split_parts(state.get("parts") or {}, dict(self.part_models))
+        self.trained = trainable.pack(model_trained, parts_trained)
         self.opt_state = state["opt_state"]

@@ -63,7 +63,25 @@ def pack(model_trained: dict, parts: dict | None) -> dict:
     return {"model": model_trained, "parts": parts} if parts else model_trained
 
 
-def unpack(tree: dict, frozen: dict | None, has_parts: bool) -> tuple[dict, dict]:
-    """(the model's full params, the parts' params) of an optimizer tree and the frozen rest."""
+def unpack(tree: dict, frozen: dict | None, has_parts: bool, frozen_parts: dict | None = None) -> tuple[dict, dict]:
+    """(the model's full params, the parts' full params) of an optimizer tree and the frozen
+    rest (`frozen_parts`: {name: a part's frozen params}, for parts with adapters)."""
     model_trained, parts = (tree["model"], tree["parts"]) if has_parts else (tree, {})
+    if frozen_parts:
+        parts = {name: merge(p, frozen_parts.get(name)) for name, p in parts.items()}
     return merge(model_trained, frozen), parts
+
+
+def part_trains(module) -> Callable[[tuple[str, ...]], bool] | None:
+    """Which of a part's params train: its adapters when it has LoRA's (`module.lora`), else all."""
+    from coconut_jax.models import lora as lora_lib
+    lora = getattr(module, "lora", None)
+    return None if lora is None else lora_lib.trains(lora)
+
+
+def split_parts(parts: dict, modules: dict) -> tuple[dict, dict | None]:
+    """({name: trained params}, {name: frozen params} or None) of the parts' params, by
+    `part_trains` of their modules ({name: module})."""
+    halves = {name: split(p, part_trains(modules[name])) for name, p in parts.items()}
+    frozen = {name: f for name, (_, f) in halves.items() if f}
+    return {name: t for name, (t, _) in halves.items()}, (frozen or None)

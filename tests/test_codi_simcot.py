@@ -166,3 +166,16 @@ def test_the_chunked_step_term_equals_the_whole(family_dir):
                                      loss_chunk=chunk, parts={"projection": pp, "decoder": dp},
                                      part_models=(("decoder", decoder), ("projection", prj)))["steps"][0]
     np.testing.assert_allclose(float(term(1)), float(term(0)), rtol=1e-6)  # 1 x 64 positions: several blocks
+
+
+def test_a_bad_decoder_rank_is_one_line():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+    r = subprocess.run([sys.executable, "-m", "coconut_jax.train", "--config", "configs/gsm_codi_simcot.py",
+                        "--config.step_decoder.lora_rank=-1"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("error: config: step_decoder.lora_rank=-1 must be an integer >= 0 "
+                                                  "(0: the decoder trains whole)")

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -83,3 +84,31 @@ def test_codi_simcot_on_8_devices_matches_one_device(world, tmp_path):
         for k in ("train/student", "train/teacher", "train/steps", "eval/steps"):
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4), k
+
+
+def test_lora_on_the_decoder_trains_its_adapters_alone_and_resumes_exactly(world, tmp_path):
+    """`step_decoder.lora_rank`: the decoder's base stays the pretrained model bit for bit, its
+    adapters train (and the term falls), and a run killed mid-epoch resumes exactly."""
+    from coconut_jax import hf
+    args = (*data_paths(world, "gsm"), *RUN, "--config.step_decoder.lora_rank=4", "--config.checkpoint_every_steps=1")
+    run_cli(tmp_path / "whole", *args, config="configs/gsm_codi_simcot.py")
+    run = tmp_path / "whole" / "gsm-codi-simcot"
+    steps = [e for e in read_metrics(run / "metrics.jsonl") if "train/loss" in e]
+    assert steps[-1]["train/steps"] < steps[0]["train/steps"] - 0.1
+    ckpt = str(run / "checkpoints")
+    decoder = checkpoint.load_params(ckpt, checkpoint.steps(ckpt)[-1], item="parts")["decoder"]
+    pretrained = hf.load_pretrained(world["model"])[1]
+    for path, base in [(("wte",), pretrained["wte"]), (("h", "0", "c_fc", "kernel"), pretrained["h"]["0"]["c_fc"]["kernel"])]:
+        stored = decoder
+        for k in path:
+            stored = stored[k]
+        np.testing.assert_array_equal(np.asarray(stored), np.asarray(base)[:np.asarray(stored).shape[0]])
+    assert np.abs(np.asarray(decoder["h"]["0"]["c_fc"]["lora_b"])).max() > 0  # B starts at 0: it trained
+
+    proc = run_cli(tmp_path / "killed", *args, config="configs/gsm_codi_simcot.py", popen=True)
+    kill_at_checkpoint(proc, tmp_path / "killed" / "gsm-codi-simcot", 7, "the run's step 7")
+    run_cli(tmp_path / "killed", *args, config="configs/gsm_codi_simcot.py")
+    assert_same_run(run, tmp_path / "killed" / "gsm-codi-simcot")
+    again = str(tmp_path / "killed" / "gsm-codi-simcot" / "checkpoints")
+    jax.tree.map(np.testing.assert_array_equal, decoder,
+                 checkpoint.load_params(again, checkpoint.steps(again)[-1], item="parts")["decoder"])

@@ -30,10 +30,14 @@ class Part:
         (`load_model_path`) from a checkpoint that holds the part takes it from there.
     inference: generation needs it too (the method's `predict` receives it); otherwise it is
         used in training only.
+    lora_rank: the method's setting ("block.key") whose value, when > 0, puts LoRA adapters of
+        that rank on a "pretrained" part (the run's `lora` alpha, dropout and targets): its
+        base is then frozen and only the adapters train (None: the part trains whole).
     """
     name: str
     source: str = "pretrained"
     inference: bool = False
+    lora_rank: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,9 +257,15 @@ class Method:
 
     def config_errors(self, c) -> list[str]:
         """What in a run's config this method cannot honour."""
+        out = []
         if self.needs_c_thought and c.c_thought < 1:
-            return [f"c_thought must be >= 1 for method {self.name}"]
-        return []
+            out.append(f"c_thought must be >= 1 for method {self.name}")
+        values = self.configure(self.values_from(c))
+        for part in self.parts:
+            rank = values.setting(part.lora_rank) if part.lora_rank else 0
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                out.append(f"{part.lora_rank}={rank!r} must be an integer >= 0 (0: the {part.name} trains whole)")
+        return out
 
     def trains(self, path: tuple[str, ...]) -> bool:
         """Whether the model's parameter at `path` (its keys, e.g. ("wte",) or ("h", "0",

@@ -10,8 +10,10 @@ choices, SPEC of the variant §1.3-1.4), added with weight 1:
     loss = CODI's three terms + steps
 
 `--config.step_decoder.reference_lengths=True` reproduces the reference's batching quirk (the
-batch's first row sets every group's length) for parity. Generation is CODI's; the decoder
-never leaves as the model.
+batch's first row sets every group's length) for parity. `--config.step_decoder.lora_rank=R`
+(ours; 0, the reference's full fine-tuning, by default) trains LoRA adapters of rank R on the
+decoder instead of the whole of it (the run's `lora` alpha, dropout and targets). Generation is
+CODI's; the decoder never leaves as the model.
 """
 from __future__ import annotations
 
@@ -24,6 +26,6 @@ from coconut_jax.methods.step_decoder import StepDecoding
 METHOD = dataclasses.replace(
     CODI, name="codi_simcot",
     summary="CODI + a training-only decoder that writes out each step of the teacher's chain from one thought",
-    loss=CODI.loss + (("steps", 1.0),), parts=CODI.parts + (Part("decoder"),),
-    settings=CODI.settings + (("step_decoder.reference_lengths", False),),
+    loss=CODI.loss + (("steps", 1.0),), parts=CODI.parts + (Part("decoder", lora_rank="step_decoder.lora_rank"),),
+    settings=CODI.settings + (("step_decoder.reference_lengths", False), ("step_decoder.lora_rank", 0)),
     step_decoding=StepDecoding(first_position=0, reduce="groups", dropout=True))

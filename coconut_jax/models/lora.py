@@ -172,6 +172,13 @@ def attach(model, params: dict, seed: int = 0) -> dict:
     return out
 
 
+def has_adapters(params: dict) -> bool:
+    """Whether a params tree holds adapters already (a checkpoint's part, say)."""
+    def walk(tree):
+        return any(k == ADAPTER_A or (isinstance(v, dict) and walk(v)) for k, v in tree.items())
+    return walk(params)
+
+
 def merged(model, params: dict) -> dict:
     """Host f32 params of the plain model (no adapters): W + scale * A B in every adapted
     kernel, the token rows written into the embedding (and into a tied head by tying)."""

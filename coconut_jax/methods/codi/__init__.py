@@ -82,7 +82,7 @@ class Codi(Method):
     def config_errors(self, c) -> list[str]:
         m = self.configure(self.values_from(c))
         s = {k.split(".", 1)[1]: v for k, v in m.settings}
-        out = []
+        out = super().config_errors(c)
         if s["num_latent"] < 1:  # the reference crashes on 0 (SPEC-CODI §7 item 11)
             out.append(f"{self.name}.num_latent={s['num_latent']} must be >= 1")
         if s["prj_dim"] < 0:
