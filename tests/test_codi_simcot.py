@@ -1,6 +1,7 @@
 """SIM-CoT's step decoder on CODI (method=codi_simcot): its step targets from the teacher's
 chain, CODI's terms unchanged, its step term against a PyTorch transliteration of the
-reference (intended and reference lengths), where its gradients go, and the reference's saved
+reference (intended and reference lengths), the thoughts it reads (bit-equal to those the student
+is fed), where its gradients go, and the reference's saved
 state dict."""
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,34 @@ def test_a_bad_decoder_rank_is_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == ("error: config: step_decoder.lora_rank=-1 must be an integer >= 0 "
                                                   "(0: the decoder trains whole)")
+
+
+def test_the_decoder_reads_each_thought_bit_equal_to_what_the_student_is_fed(family_dir):
+    """SPEC-SIMCOT-CODI §6 check 3: group t's input at index 0 is z_{t+1}, bit for bit the
+    thought the student's pass t+1 takes in (both seen inside one program)."""
+    from coconut_jax.models.common import FunctionalModel
+    _, model_dir = family_dir
+    method, tok, tokens, config, model, params, prj, pp, decoder, dp = simcot_setup(model_dir)
+    (b,) = batches(method, tok, tokens, LONG[:3], 3)
+    seen = {"student": [], "decoder": []}
+    body = FunctionalModel.body
+
+    def spy(self, p, embeds, *args, **kw):
+        if embeds.shape[1] == 1:  # a thought pass of the student: one position, its thought
+            jax.debug.callback(lambda e: seen["student"].append(np.asarray(e)), embeds[:, 0], ordered=True)
+        elif self == decoder:  # every group's decoder row: [thought, step tokens]
+            jax.debug.callback(lambda e: seen["decoder"].append(np.asarray(e)), embeds[:, 0], ordered=True)
+        return body(self, p, embeds, *args, **kw)
+    jax.clear_caches()  # trace anew, through the spy
+    FunctionalModel.body = spy
+    try:
+        jax.block_until_ready(jax.jit(lambda p, d: method.loss_terms(
+            model, p, jnp_arrays(b), prefix_len=0, n_latent=K, parts={"projection": (prj, pp), "decoder": (decoder, d)}))(
+            params, dp))
+    finally:
+        FunctionalModel.body = body
+        jax.clear_caches()
+    assert len(seen["student"]) == K and len(seen["decoder"]) == 1
+    groups = seen["decoder"][0].reshape(3, K + 1, -1)  # [rows, groups = z_1 .. z_{K+1}, E]
+    for t in range(K):
+        np.testing.assert_array_equal(groups[:, t], seen["student"][t].astype(groups.dtype))
