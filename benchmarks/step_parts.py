@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 import train_step
-from coconut_jax import coconut, models
+from coconut_jax import models
 from coconut_jax.costs import model_flops
 from coconut_jax.models import gpt2
 
@@ -65,21 +65,6 @@ ABLATIONS = {
     "mlp": lambda cfg: patched(gpt2.GPT2Model, "project", _zero_mlp(cfg)),
     "norms": lambda cfg: patched(gpt2, "layer_norm", lambda p, x, eps: x),
 }
-
-
-def step(model, tx, b, *, head: bool = True):
-    def loss(p, arrays, key):
-        hidden = coconut.latent_forward(model, p, arrays, b.prefix_len, b.n_latent, feedback=False, dropout_key=key)
-        if not head:
-            return jnp.mean(hidden)
-        s, n = coconut.hidden_nll(model, p, hidden, arrays["labels"], 128)
-        return s / n
-
-    def full(p, o, arrays, key):
-        value, g = jax.value_and_grad(loss)(p, arrays, key)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o, value
-    return jax.jit(full, donate_argnums=(0, 1))
 
 
 def update_alone(tx):
@@ -123,7 +108,8 @@ def main():
                          "dtype": "float32", "dropout": True}
     for name, (ctx, kw) in variants.items():
         with ctx():
-            compiled[name] = step(model, tx, b, **kw).lower(*shapes, arrays, jax.random.key(0)).compile()
+            compiled[name] = train_step.step_fn(model, tx, b, train_step.MODES["after"]["loss_chunk"], feedback=False,
+                                                **kw).lower(*shapes, arrays, jax.random.key(0)).compile()
         print(f"compiled {name}", flush=True)
     update = update_alone(tx)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)

@@ -107,12 +107,15 @@ def make_batch(batch, length, n_thoughts, vocab):
     return data.collate(seqs, list(range(batch)), latent_id=latent, pad_id=0, batch_size=batch, multiple=32)
 
 
-def step_fn(model, tx, b, loss_chunk, feedback, deferred=True):
+def step_fn(model, tx, b, loss_chunk, feedback, deferred=True, head=True):
     """The full fine-tuning step; `feedback=False` runs the batch as a plain LM (the latent
-    positions read as tokens), `deferred=False` the thought scan's per-pass weight gradients."""
+    positions read as tokens), `deferred=False` the thought scan's per-pass weight gradients,
+    `head=False` the mean hidden state as the loss (no head, no cross-entropy)."""
     def loss(p, arrays, key):
         hidden = coconut.latent_forward(model, p, arrays, b.prefix_len, b.n_latent, feedback=feedback,
                                         dropout_key=key, deferred=deferred)
+        if not head:
+            return jnp.mean(hidden)
         s, n = coconut.hidden_nll(model, p, hidden, arrays["labels"], loss_chunk)
         return s / n
 
