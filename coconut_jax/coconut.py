@@ -99,13 +99,20 @@ def latent_forward(model: FunctionalModel, params, arrays, prefix_len: int, n_la
     return hidden, kv
 
 
-def _nll_sums(logits, targets):
-    """(sum of the negative log-likelihoods of `targets` under `logits` where a target is
-    labelled, the number labelled); logits and targets already aligned."""
+def _nll_parts(logits, targets):
+    """(log-probabilities, labelled mask, targets with 0 where unlabelled, summed NLL of the
+    labelled targets, their count); logits and targets already aligned."""
     valid = targets != IGNORE
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+    safe = jnp.where(valid, targets, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return logp, valid, safe, jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+
+def _nll_sums(logits, targets):
+    """(sum of the negative log-likelihoods of `targets` under `logits` where a target is
+    labelled, the number labelled)."""
+    return _nll_parts(logits, targets)[3:]
 
 
 def label_count(labels):
@@ -135,13 +142,9 @@ def chunked_token_nll(model: FunctionalModel, params, hidden, labels, chunk: int
 def _nll_and_logit_cotangent(logits, targets):
     """(summed nll, count, d sum / d logits) of one chunk: softmax minus the target's one-hot on
     labelled positions, formed without a [.., V] one-hot."""
-    valid = targets != IGNORE
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    safe = jnp.where(valid, targets, 0)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    logp, valid, safe, total, count = _nll_parts(logits, targets)
     hit = jnp.arange(logp.shape[-1]) == safe[..., None]
-    d = jnp.where(valid[..., None], jnp.exp(logp) - hit, 0.0)
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32), d
+    return total, count, jnp.where(valid[..., None], jnp.exp(logp) - hit, 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
