@@ -16,7 +16,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coconut_jax import sharding, trainable
+from coconut_jax.models import lora as lora_lib
 from coconut_jax.optimizer import carry_schedule
+
+
+def part_trains(part_models) -> dict:
+    """{name: which of a part's params train}: its adapters when it has LoRA's, else all (None)."""
+    return {name: None if getattr(m, "lora", None) is None else lora_lib.trains(m.lora) for name, m in part_models}
 
 
 def _part_args(part_models, parts) -> dict:
@@ -202,12 +208,12 @@ class Layout:
         placed = {name: placed_shapes(m, mesh, param_dtype) for name, m in self.part_models}
         self.part_sh = {name: sh for name, (sh, _) in placed.items()}
         parts = {name: shapes for name, (_, shapes) in placed.items()}
-        modules = dict(self.part_models)
+        self.part_trains = part_trains(self.part_models)
         model_trained, self.frozen = trainable.split(self.params, trains)
-        parts_trained, self.frozen_parts = trainable.split_parts(parts, modules)
+        parts_trained, self.frozen_parts = trainable.split_parts(parts, self.part_trains)
         self.trained = trainable.pack(model_trained, parts_trained)
         self.trained_sh = trainable.pack(trainable.split(self.param_sh, trains)[0],
-                                         trainable.split_parts(self.part_sh, modules)[0])
+                                         trainable.split_parts(self.part_sh, self.part_trains)[0])
         self.scalar = NamedSharding(mesh, P())
         opt_shapes = jax.eval_shape(tx.init, self.trained)
         self.opt_sh = like_params(opt_shapes, self.trained, self.scalar)
@@ -263,7 +269,7 @@ class TrainState:
         part_params = {name: self._place(parts[name][1], lay.part_sh[name], m.param_shapes(param_dtype))
                        for name, m in self.part_models}
         model_trained, self.frozen = trainable.split(params, trains)
-        parts_trained, self.frozen_parts = trainable.split_parts(part_params, dict(self.part_models))
+        parts_trained, self.frozen_parts = trainable.split_parts(part_params, lay.part_trains)
         self.trained = trainable.pack(model_trained, parts_trained)
         terms = lay.terms
         self._init = jax.jit(tx.init, out_shardings=lay.opt_sh)
@@ -329,6 +335,6 @@ class TrainState:
         model_trained, frozen = trainable.split(state["params"], self.trains)
         if self.base_in_checkpoint:
             self.frozen = frozen
-        parts_trained, self.frozen_parts = trainable.split_parts(state.get("parts") or {}, dict(self.part_models))
+        parts_trained, self.frozen_parts = trainable.split_parts(state.get("parts") or {}, self.layout.part_trains)
         self.trained = trainable.pack(model_trained, parts_trained)
         self.opt_state = state["opt_state"]

@@ -72,16 +72,9 @@ def unpack(tree: dict, frozen: dict | None, has_parts: bool, frozen_parts: dict 
     return merge(model_trained, frozen), parts
 
 
-def part_trains(module) -> Callable[[tuple[str, ...]], bool] | None:
-    """Which of a part's params train: its adapters when it has LoRA's (`module.lora`), else all."""
-    from coconut_jax.models import lora as lora_lib
-    lora = getattr(module, "lora", None)
-    return None if lora is None else lora_lib.trains(lora)
-
-
-def split_parts(parts: dict, modules: dict) -> tuple[dict, dict | None]:
-    """({name: trained params}, {name: frozen params} or None) of the parts' params, by
-    `part_trains` of their modules ({name: module})."""
-    halves = {name: split(p, part_trains(modules[name])) for name, p in parts.items()}
+def split_parts(parts: dict, trains: dict) -> tuple[dict, dict | None]:
+    """({name: trained params}, {name: frozen params} or None) of the parts' params, by each
+    part's `trains` ({name: which of its params train, None: all})."""
+    halves = {name: split(p, trains[name]) for name, p in parts.items()}
     frozen = {name: f for name, (_, f) in halves.items() if f}
     return {name: t for name, (t, _) in halves.items()}, (frozen or None)
