@@ -122,8 +122,9 @@ def test_evaluation_runs_the_plain_scan():
 
 
 
-@pytest.mark.parametrize("family,tied,lora", [("gpt2", True, False), ("llama", False, False), ("qwen3", True, True),
-                                              ("llama", False, True)])
+@pytest.mark.parametrize("family,tied,lora", [("gpt2", True, False),
+                                              *[pytest.param(*case, marks=pytest.mark.slow) for case in
+                                                [("llama", False, False), ("qwen3", True, True), ("llama", False, True)]]])
 def test_the_chunked_loss_equals_the_whole_logits_loss(family, tied, lora):
     """Tied and untied heads, LoRA's trained token rows in the head; chunks of 5, the last one
     partial; every gradient, the body's included (through the hidden states)."""
