@@ -13,11 +13,11 @@ from coconut_jax import checkpoint
 from coconut_jax.metrics import read_metrics
 from tests.conftest import ROOT, built_once, run_cli, subprocess_env
 from tests.test_journeys import assert_same_run, data_paths, evals, kill_at_checkpoint, world  # noqa: F401
-from tests.test_journeys_codi import SMALL
+from tests.test_journeys_codi import CODI, SMALL
 
 pytestmark = pytest.mark.slow
 
-RUN = (*SMALL, "--config.num_epochs=3")
+RUN = CODI  # CODI's journey runs: the same sizes and epochs, the decoder added by the config
 
 
 @pytest.fixture(scope="session")
