@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from coconut_jax import hosts
 from coconut_jax.files import WriteError, cause, write_atomic
 
 BEST_FILE = "best.json"
@@ -95,20 +96,6 @@ def check_fingerprint(got: dict, stored: dict | None, where: str, prefix: str = 
     for path, (dtype, value) in (stored or {}).items():
         if path.startswith(prefix) and path in got and got[path][0] == dtype and got[path][1] != value:
             raise DamagedCheckpoint(where, f"{path} does not match its checksum")
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _all_hosts(ok: bool) -> bool:
-    """Whether `ok` holds on every process (a restore must succeed everywhere or nowhere)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpoints:
@@ -223,7 +210,7 @@ class Checkpoints:
                 error = None
             except DamagedCheckpoint as e:
                 error = e
-            if _all_hosts(error is None):
+            if hosts.all_agree(error is None):
                 return step
             self.set_aside(step, error or self._elsewhere(step), say)
         if found:
@@ -240,7 +227,7 @@ class Checkpoints:
                 error = None
             except DamagedCheckpoint as e:
                 error = e
-            if _all_hosts(error is None):
+            if hosts.all_agree(error is None):
                 return step, state, meta
             self.set_aside(step, error or self._elsewhere(step), say)
         raise self._none_restores(len(found))
@@ -264,7 +251,7 @@ class Checkpoints:
                 self._repair_best(step)
             except OSError as e:
                 raise WriteError(f"{src}: damaged ({error.why}) and could not be moved aside ({cause(e)})") from e
-        _sync(f"set_aside_{step}")
+        hosts.barrier(f"set_aside_{step}")
         self.manager.reload()
         say(f"checkpoint {src} is damaged ({error.why}); moved aside to {os.path.basename(dst)}")
 

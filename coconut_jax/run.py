@@ -14,7 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, latent_vocab, methods, models, optimizer,
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, hosts, latent_vocab, methods, models, optimizer,
                          rundir, sharding, steps, weights)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
@@ -154,6 +154,7 @@ def build_run(ctx: RunContext) -> Run:
     own = weights.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = weights.Source("resume", ctx.ckpt.dir, own) if own is not None else weights.source_of(c.load_model_path)
     w = weights.start(c, source, tok)
+    hosts.barrier("weights_loaded")  # a host reading a slower disk is not a failed collective
     config, params, base = w.config, w.params, w.base
     # An evaluation alone trains nothing: no adapters (a hand-off from a LoRA run arrives merged).
     model = build_model(c, config, spec.lora_tokens(tokens), lora=not c.only_eval)

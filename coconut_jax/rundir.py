@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 
-from coconut_jax import methods, tfds_source
+from coconut_jax import hosts, methods, tfds_source
 from coconut_jax.files import write_atomic
 
 RUN_FILE = "run.json"
@@ -83,10 +83,20 @@ def claim(run_dir: str, c, write: bool) -> None:
     """Makes `run_dir` this run's directory, or refuses if it holds another run.
 
     A directory with run outputs but no `run.json` (written by something else) is refused too.
-    `write` is true on the one process that writes the file.
+    `write` is true on the one process that writes the file. Every process returns once it is
+    written; nothing else is written into the directory before every process has looked, so all
+    processes reach the same verdict.
     """
     ident = identity(c)
     path = os.path.join(run_dir, RUN_FILE)
+    if not _holds_this_run(run_dir, path, ident, c.name) and write:
+        os.makedirs(run_dir, exist_ok=True)
+        write_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+    hosts.barrier("run_claimed")
+
+
+def _holds_this_run(run_dir: str, path: str, ident: dict, name: str) -> bool:
+    """True if `path` records this run, False if the directory holds no run; else RunDirError."""
     if os.path.isfile(path):
         with open(path) as f:
             try:
@@ -96,11 +106,9 @@ def claim(run_dir: str, c, write: bool) -> None:
         diff = differences(old, ident)
         if diff:
             raise RunDirError(f"{run_dir} holds another run ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
-                              f"choose a new --config.name (now {c.name!r}) or remove the directory")
-        return
+                              f"choose a new --config.name (now {name!r}) or remove the directory")
+        return True
     if os.path.isdir(run_dir) and {"metrics.jsonl", "checkpoints"} & set(os.listdir(run_dir)):
         raise RunDirError(f"{run_dir} holds run outputs without a {RUN_FILE}; choose a new --config.name "
-                          f"(now {c.name!r}) or remove the directory")
-    if write:
-        os.makedirs(run_dir, exist_ok=True)
-        write_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+                          f"(now {name!r}) or remove the directory")
+    return False

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from coconut_jax import hosts
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # Logical parameter axes -> mesh axes. Embedding rows / hidden units split over `fsdp`
@@ -89,4 +91,5 @@ def gather(x) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+    hosts.barrier("gather")  # what is gathered took each host its own time
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

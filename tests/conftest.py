@@ -230,6 +230,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def start_processes(save_path, *overrides, config, n=2):
+    """The command in `n` local processes of one distributed run (one device each)."""
+    port = free_port()
+    return [run_cli(save_path, *overrides, f"--config.coordinator_address=127.0.0.1:{port}",
+                    f"--config.num_processes={n}", f"--config.process_id={i}", config=config, popen=True, capture=True)
+            for i in range(n)]
+
+
+def finish_processes(procs) -> list[str]:
+    """Each process's stdout, once all have exited 0; else every failing one's stderr (the first
+    to fail is often not the one that reports it: its peers time out waiting for it)."""
+    outs = [p.communicate(timeout=600) for p in procs]
+    failed = [f"process {i} exited {p.returncode}:\n{err[-3000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs))
+              if p.returncode != 0]
+    assert not failed, "\n".join(failed)
+    return [out for out, _ in outs]
+
+
 def config_and_params(w):
     """(config, params) of a `weights.load` result."""
     return w.config, w.params

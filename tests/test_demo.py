@@ -4,7 +4,7 @@ import os
 import pytest
 
 from coconut_jax.metrics import read_metrics
-from tests.conftest import assert_first_epochs_match, free_port, run_cli
+from tests.conftest import assert_first_epochs_match, finish_processes, run_cli, start_processes
 
 pytestmark = pytest.mark.slow  # minutes of training or several processes (quick tier: -m "not slow")
 
@@ -61,12 +61,5 @@ def test_demo_on_8_devices_and_in_two_processes_equals_one(tmp_path):
     run_cli(tmp_path / "eight", *SMALL, "--config.mesh.data=4", "--config.mesh.fsdp=2", "--config.eval_batch_size=12",
             config="configs/demo.py", devices=8)
     assert_first_epochs_match(tmp_path / "one" / "demo", tmp_path / "eight" / "demo")
-    port = free_port()
-    procs = [run_cli(tmp_path / "two", *SMALL, f"--config.coordinator_address=127.0.0.1:{port}",
-                     "--config.num_processes=2", f"--config.process_id={i}", config="configs/demo.py", popen=True,
-                     capture=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    finish_processes(start_processes(tmp_path / "two", *SMALL, config="configs/demo.py"))
     assert_first_epochs_match(tmp_path / "one" / "demo", tmp_path / "two" / "demo")

@@ -16,7 +16,8 @@ import pytest
 
 from coconut_jax.metrics import read_metrics
 from data_prep.common import write_json
-from tests.conftest import ROOT, assert_first_epochs_match, built_once, free_port, run_cli, stored_params
+from tests.conftest import (ROOT, assert_first_epochs_match, built_once, finish_processes, run_cli, start_processes,
+                            stored_params)
 
 pytestmark = pytest.mark.slow  # minutes of training or several processes (quick tier: -m "not slow")
 
@@ -223,16 +224,10 @@ def test_prontoqa_in_two_processes_sigterm_on_one_then_eval_in_one(world, tmp_pa
     args = (*data_paths(world, "prontoqa"), *SIZES, "--config.num_epochs=2", "--config.epochs_per_stage=1")
 
     def start():
-        port = free_port()
-        return [run_cli(tmp_path, *args, f"--config.coordinator_address=127.0.0.1:{port}",
-                        "--config.num_processes=2", f"--config.process_id={i}", config="configs/prontoqa.py",
-                        popen=True, capture=True) for i in range(2)]
+        return start_processes(tmp_path, *args, config="configs/prontoqa.py")
 
     def finish(procs):
-        outs = [p.communicate(timeout=600) for p in procs]
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-3000:]
-        return outs[0][0]
+        return finish_processes(procs)[0]
 
     procs = start()
     _wait_for(procs[0], lambda: _count_evals(run / "metrics.jsonl") >= 1, "the first evaluation")

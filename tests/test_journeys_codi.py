@@ -10,7 +10,7 @@ import pytest
 
 from coconut_jax import checkpoint
 from coconut_jax.metrics import read_metrics
-from tests.conftest import built_once, run_cli
+from tests.conftest import built_once, finish_processes, run_cli, start_processes
 from tests.test_journeys import assert_same_run, data_paths, evals, kill_at_checkpoint, world  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -216,14 +216,7 @@ def test_codi_on_8_devices_in_bf16_matches_one_device(world, tmp_path):
 def test_codi_in_two_processes_logs_what_one_process_logs(codi_run, world, tmp_path):
     """The same run in two processes (one device each, the batch split between them) logs the
     one-process run's losses and answers."""
-    from tests.conftest import free_port
-    port = free_port()
-    procs = [run_cli(tmp_path, *data_paths(world, "gsm"), *CODI, f"--config.coordinator_address=127.0.0.1:{port}",
-                     "--config.num_processes=2", f"--config.process_id={i}", config="configs/gsm_codi.py",
-                     popen=True, capture=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
+    finish_processes(start_processes(tmp_path, *data_paths(world, "gsm"), *CODI, config="configs/gsm_codi.py"))
     root, _ = codi_run
     one, two = (read_metrics(r / "gsm-codi" / "metrics.jsonl") for r in (root, tmp_path))
     assert [sorted(e) for e in one] == [sorted(e) for e in two]

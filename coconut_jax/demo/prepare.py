@@ -13,7 +13,7 @@ import shutil
 
 import jax
 
-from coconut_jax import tiny
+from coconut_jax import hosts, tiny
 from coconut_jax.demo import induction
 from coconut_jax.files import write_atomic
 
@@ -66,7 +66,5 @@ def prepare_synthetic(c) -> None:
     root = prepared_root(c)
     if jax.process_index() == 0 and not _is_current(root, _settings(c)):
         build(c, root)
-    if jax.process_count() > 1:  # the other hosts read what host 0 wrote
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("coconut_jax.demo.prepare_synthetic")
+    hosts.barrier("demo_prepared")  # the other hosts read what host 0 wrote
     c.train_path, c.val_path, c.model_id = prepared_paths(root)
