@@ -34,6 +34,9 @@ setup(
         # TFDS datasets (data_prep.tfds, tfds:NAME/SPLIT paths); TensorFlow is not needed.
         # importlib_resources: tensorflow-datasets imports it without declaring it.
         "tfds": ["tensorflow-datasets>=4.9.4", "importlib_resources"],
-        "test": ["pytest", "pytest-xdist", "filelock", "torch==2.13.0", "peft", "nbformat", "nbclient", "ipykernel"],
+        # gs:// paths (etils.epath's backend for buckets; Orbax's arrays go through TensorStore).
+        "gcs": ["gcsfs"],
+        "test": ["pytest", "pytest-xdist", "filelock", "torch==2.13.0", "peft", "nbformat", "nbclient", "ipykernel",
+                 "gcsfs", "gcp-storage-emulator"],
     },
 )

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coconut_jax import answers, config as config_lib, data, evaluate, methods
+from coconut_jax import answers, config as config_lib, data, evaluate, files, methods
 from coconut_jax.data.step_targets import StepPlan
 from coconut_jax.plot import pyplot, save_figure
 
@@ -148,7 +148,7 @@ def load_trained(c, step: int | None = None, best_any_stage: bool = False):
     c.wandb_mode = "disabled"
     config_lib.normalize(c)
     ckpt_dir = os.path.join(c.save_path, c.name, "checkpoints")
-    if os.path.isdir(ckpt_dir) and checkpoint.steps(ckpt_dir):
+    if files.isdir(ckpt_dir) and checkpoint.steps(ckpt_dir):
         # The run's own weights win, as they do when it runs (a config's hand-off path is where it began).
         try:
             source = trained.pick_step(ckpt_dir, c, step, best_any_stage)
@@ -202,7 +202,7 @@ def report(run, question: int, top_k: int, max_k: int | None, out_dir: str) -> d
     ex, record = run.val_examples[question], run.val_records[question]
     at, stage = spec.with_thoughts(cur, max_k * per)
     states = spec.thought_states(run.model, run.params, parts, ex, stage, at, tokens)
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)
     print(f"question {question}: {record['question'][-120:]}")
     print(f"gold steps: {' '.join(record['steps'])}  answer: {record['answer']}")
     for k, top in enumerate(decode_thoughts(run.model, run.params, states, tok, top_k)):

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from coconut_jax import hosts
-from coconut_jax.files import WriteError, cause, write_atomic
+from coconut_jax import files, hosts
+from coconut_jax.files import WriteError, cause
 
 BEST_FILE = "best.json"
 DAMAGED = ".damaged"
+COMMIT_FILE = "commit_success.txt"  # what Orbax writes last into a step in a bucket
 
 
 class CheckpointFault(Exception):
@@ -110,7 +111,7 @@ class Checkpoints:
     """
 
     def __init__(self, ckpt_dir: str, main: bool = True, asynchronous: bool = True):
-        self.dir = os.path.abspath(ckpt_dir)
+        self.dir = files.abspath(ckpt_dir)
         self.main = main
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=asynchronous))
@@ -130,10 +131,9 @@ class Checkpoints:
         each log the failure and wait minutes for one another before the process could exit."""
         probe = os.path.join(self.dir, f".writable.{os.getpid()}")
         try:
-            with open(probe, "w") as f:
-                f.write(str(step))
-            os.remove(probe)
-        except OSError as e:
+            files.write_atomic(probe, str(step))
+            files.remove(probe)
+        except (OSError, WriteError) as e:
             raise self._write_error(step, e) from e
 
     def save(self, step: int, state: dict, meta: dict, *, end_of_epoch: bool = False,
@@ -240,16 +240,18 @@ class Checkpoints:
                                 f"same command now starts the run over")
 
     def set_aside(self, step: int, error: DamagedCheckpoint, say: Callable[[str], None]) -> None:
-        """Renames a damaged step `{step}.damaged` (nothing is deleted) and keeps best.json off it."""
+        """Renames a damaged step `{step}.damaged` (nothing is deleted) and keeps best.json off it.
+        (In a bucket the rename is a copy, then a delete: interrupted, the step is found damaged
+        again and moved aside again, to `{step}.damaged.1`.)"""
         src = os.path.join(self.dir, str(step))
         dst, n = src + DAMAGED, 1
-        while os.path.exists(dst):
+        while files.exists(dst):
             dst, n = f"{src}{DAMAGED}.{n}", n + 1
         if self.main:
             try:
-                os.rename(src, dst)
+                files.rename_tree(src, dst)
                 self._repair_best(step)
-            except OSError as e:
+            except (OSError, WriteError) as e:
                 raise WriteError(f"{src}: damaged ({error.why}) and could not be moved aside ({cause(e)})") from e
         hosts.barrier(f"set_aside_{step}")
         self.manager.reload()
@@ -260,8 +262,7 @@ class Checkpoints:
         recorded accuracy (the earliest of equals, as the run names them), or removes the file."""
         path = os.path.join(self.dir, BEST_FILE)
         try:
-            with open(path) as f:
-                named = json.load(f)["step"]
+            named = json.loads(files.read_text(path))["step"]
         except (OSError, ValueError, KeyError):
             return
         if named != gone:
@@ -276,15 +277,15 @@ class Checkpoints:
                 scored.append((acc, -step))
         if scored:
             acc, step = max(scored)
-            write_atomic(path, json.dumps({"step": -step, "acc": acc}))
+            files.write_atomic(path, json.dumps({"step": -step, "acc": acc}))
         else:
-            os.remove(path)
+            files.remove(path)
 
     def mark_best(self, step: int, acc: float) -> None:
         """Names `step` in best.json (process 0 writes; atomic, so a reader never sees half a file)."""
         if not self.main:
             return
-        write_atomic(os.path.join(self.dir, BEST_FILE), json.dumps({"step": step, "acc": acc}))
+        files.write_atomic(os.path.join(self.dir, BEST_FILE), json.dumps({"step": step, "acc": acc}))
 
     def close(self) -> None:
         self.wait()
@@ -295,40 +296,40 @@ class Checkpoints:
 
 def is_checkpoint_dir(path: str) -> bool:
     """An Orbax step directory of ours (`.../checkpoints/{step}`) or a run's `checkpoints` dir."""
-    return os.path.isdir(os.path.join(path, "state")) or (
-        os.path.isdir(path) and (os.path.isfile(os.path.join(path, BEST_FILE)) or bool(steps(path))))
+    return files.isdir(os.path.join(path, "state")) or (
+        files.isdir(path) and (files.isfile(os.path.join(path, BEST_FILE)) or bool(steps(path))))
 
 
 def split_checkpoint_path(path: str) -> tuple[str, int | None]:
     """(run-level checkpoints dir, step or None) of a user-given checkpoint path."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
+    path = files.abspath(path).rstrip("/")
+    if files.isdir(os.path.join(path, "state")) and os.path.basename(path).isdigit():
         return os.path.dirname(path), int(os.path.basename(path))
     return path, None
 
 
 def steps(ckpt_dir: str) -> list[int]:
-    """Finished steps, oldest first (Orbax writes a step under a temporary name, then renames it;
-    a damaged step moved aside is `{step}.damaged`)."""
-    return sorted(int(n) for n in os.listdir(ckpt_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n, "state")))
+    """Finished steps, oldest first (on a disk Orbax writes a step under a temporary name, then
+    renames it; in a bucket it writes the step in place and marks it finished with a commit file
+    last; a damaged step moved aside is `{step}.damaged`)."""
+    finished = ((lambda n: files.isfile(os.path.join(ckpt_dir, n, COMMIT_FILE))) if files.is_remote(ckpt_dir)
+                else (lambda n: os.path.isdir(os.path.join(ckpt_dir, n, "state"))))
+    return sorted(int(n) for n in files.listdir(ckpt_dir) if n.isdigit() and finished(n))
 
 
 def best_named(ckpt_dir: str) -> int | None:
     """The step best.json names (whether or not it is still there), or None without the file."""
     path = os.path.join(ckpt_dir, BEST_FILE)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)["step"]
+    return json.loads(files.read_text(path))["step"]
 
 
 def read_meta(ckpt_dir: str, step: int) -> dict:
     path = os.path.join(ckpt_dir, str(step), "meta", "metadata")
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise FileNotFoundError(f"{os.path.join(ckpt_dir, str(step))}: not a checkpoint of coconut_jax (no meta)")
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(files.read_text(path))
 
 
 def _reader(ckpt_dir: str) -> ocp.CheckpointManager:

@@ -193,10 +193,14 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
     need(c.lora.rank >= 0, f"lora.rank={c.lora.rank} must be >= 0 (0: no LoRA)")
     need(c.lora.alpha > 0, f"lora.alpha={c.lora.alpha} must be > 0")
     need(0.0 <= c.lora.dropout < 1.0, f"lora.dropout={c.lora.dropout} must be in [0, 1)")
+    from coconut_jax import files
     need(bool(c.val_path) or c.prepare.kind, "val_path is required")
     need(c.only_eval or bool(c.train_path) or c.prepare.kind, "train_path is required unless only_eval")
     need(not (c.only_eval and c.load_model_path is None), "only_eval needs load_model_path")
     need(c.prepare.kind in ("", "synthetic_prosqa"), f"prepare.kind={c.prepare.kind!r} must be '' or 'synthetic_prosqa'")
+    need(not (c.prepare.kind and files.is_remote(c.save_path)),
+         f"save_path={c.save_path!r}: prepare.kind={c.prepare.kind!r} builds its data and model on a local disk; "
+         f"give a local save_path")
     if c.prepare.kind:
         # The prepared data and model take these fields' places: a value the user set would be
         # silently ignored (a value prepare itself wrote, when a config is used again, is not).
@@ -207,15 +211,22 @@ def validate(c: ml_collections.ConfigDict, data_files: bool = True) -> None:
                                          f"generates the data and model; add --config.prepare.kind= to use yours")
     from coconut_jax.models import FAMILIES
     need(c.prepare.family in FAMILIES, f"prepare.family={c.prepare.family!r} must be one of {', '.join(FAMILIES)}")
+    for field in PATH_FIELDS:
+        need(not files.is_remote(c[field] or "") or files.bucket_support(), f"{field}={c[field]!r}: {files.NEEDS_GCS}")
     if not c.prepare.kind and data_files:
         from coconut_jax import tfds_source
         for field in ("val_path",) + (() if c.only_eval else ("train_path",)):
             if tfds_source.is_tfds(c[field]):
                 need(tfds_source.valid_path(c[field]), f"{field}={c[field]!r}: a TFDS source is written tfds:NAME/SPLIT")
             else:
-                need(os.path.isfile(c[field]), f"{field}={c[field]!r}: file not found")
+                need(files.isfile(c[field]), f"{field}={c[field]!r}: file not found")
     if c.load_model_path is not None and data_files:
-        need(os.path.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
+        need(files.exists(c.load_model_path), f"load_model_path={c.load_model_path!r}: not found")
+
+
+# What may be a bucket path (`gs://`); tfds_data_dir goes through TFDS's own file access.
+PATH_FIELDS = ("save_path", "train_path", "val_path", "load_model_path", "model_id", "cache_dir",
+               "compilation_cache_dir")
 
 
 def compilation_cache_dir(c) -> str | None:

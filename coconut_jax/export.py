@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from coconut_jax import checkpoint, hf, peft_format, rundir, trained, weights
+from coconut_jax import checkpoint, files, hf, peft_format, rundir, trained, weights
 
 
 def peft_base(t: trained.Trained) -> str:
@@ -44,7 +44,7 @@ def export(t: trained.Trained, out: str, peft: bool = False, overwrite: bool = F
             hf.write_tree(params, os.path.join(tmp, weights.part_file(name)))
         with open(os.path.join(tmp, trained.SETTINGS_FILE), "w") as f:
             json.dump(t.settings, f, indent=1)
-    return os.path.abspath(out)
+    return files.abspath(out)
 
 
 def push(out: str, repo: str, api=None) -> str:
@@ -53,7 +53,7 @@ def push(out: str, repo: str, api=None) -> str:
         from huggingface_hub import HfApi
         api = HfApi()
     api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=out, repo_id=repo, commit_message="coconut_jax export")
+    api.upload_folder(folder_path=files.local_copy(out), repo_id=repo, commit_message="coconut_jax export")
     return f"https://huggingface.co/{repo}"
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from coconut_jax import models
+from coconut_jax import files, models
 from coconut_jax.latent_vocab import END_LATENT, LATENT, START_LATENT
 from coconut_jax.models.common import EMBEDDING, HEAD, Params, get_path, set_path
 
@@ -145,8 +145,14 @@ def params_to_state_dict(params: Params, config) -> dict[str, np.ndarray]:
 
 # -- reading ---------------------------------------------------------------------------------
 
-def resolve_model_dir(model_id: str) -> str:
-    """A local directory as is; otherwise a hub id, downloaded (or taken from the HF cache)."""
+def resolve_model_dir(model_id: str, weights: bool = True) -> str:
+    """A local directory as is; a bucket directory copied to this machine (`files.local_copy`;
+    without the weight files unless `weights`: a config or a tokenizer is read); otherwise a
+    hub id, downloaded (or taken from the HF cache)."""
+    if files.is_remote(model_id):
+        if not files.isfile(os.path.join(model_id, "config.json")):
+            raise CheckpointError(f"{model_id}: no model directory (config.json) there")
+        return files.local_copy(model_id, skip=() if weights else (".safetensors", ".bin", ".pt", ".pth"))
     if os.path.isdir(os.path.expanduser(model_id)):
         return os.path.expanduser(model_id)
     if model_id.startswith((".", "/", "~")) or os.path.exists(model_id):
@@ -227,9 +233,9 @@ def read_state_dict(model_dir: str) -> dict[str, np.ndarray]:
         return read_safetensors(single)
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(json.load(f)["weight_map"].values()))
         out: dict[str, np.ndarray] = {}
-        for name in files:
+        for name in names:
             out.update(read_safetensors(os.path.join(model_dir, name)))
         return out
     if os.path.isfile(os.path.join(model_dir, TORCH_BIN)):
@@ -274,7 +280,7 @@ def _tokenizer_class(model_dir: str):
 def load_tokenizer(model_id: str):
     """The checkpoint's tokenizer (AutoTokenizer's choice) with pad = eos and the three latent
     tokens (added only when absent)."""
-    model_dir = resolve_model_dir(model_id)
+    model_dir = resolve_model_dir(model_id, weights=False)
     cls = _tokenizer_class(model_dir)
     if cls is None:
         from transformers import AutoTokenizer as cls
@@ -304,8 +310,17 @@ def _hf_config_dict(config, tok) -> dict[str, Any]:
 def atomic_dir(out_dir: str, overwrite: bool = False):
     """Yields a temporary sibling of `out_dir` to fill, renamed into place when the block ends
     (a crash never leaves a half directory); an existing non-empty `out_dir` is a
-    FileExistsError unless `overwrite`."""
-    out_dir = os.path.abspath(out_dir)
+    FileExistsError unless `overwrite`. A bucket `out_dir` is filled from a local temporary with
+    the files readers look for (`config.json`, PEFT's `adapter_config.json`) last: a reader takes
+    a directory without them for none (`files.put_tree`)."""
+    out_dir = files.abspath(out_dir)
+    if files.is_remote(out_dir):
+        if files.isdir(out_dir) and files.listdir(out_dir) and not overwrite:
+            raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+            files.put_tree(tmp, out_dir, last=("config.json", "adapter_config.json"))
+        return
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
     parent = os.path.dirname(out_dir)

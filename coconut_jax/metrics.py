@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 
-from coconut_jax.files import append_line, write_atomic
+from coconut_jax import files
 
 
 def extract_answer(text: str) -> str:
@@ -34,31 +33,28 @@ class MetricsSink:
     def __init__(self, path: str | None, wandb_run=None, enabled: bool = True):
         self.path, self.wandb_run, self.enabled = path, wandb_run, enabled
         self.count = 0
-        if enabled and path and os.path.exists(path):
-            with open(path) as f:
-                self.count = sum(1 for _ in f)
+        if enabled and path and files.exists(path):
+            self.count = len(files.read_text(path).splitlines())
 
     def truncate(self, n: int) -> None:
-        if not (self.enabled and self.path and os.path.exists(self.path)):
+        if not (self.enabled and self.path and files.exists(self.path)):
             return
-        with open(self.path) as f:
-            lines = f.readlines()[:n]
-        write_atomic(self.path, "".join(lines))
+        lines = files.read_text(self.path).splitlines(keepends=True)[:n]
+        files.write_atomic(self.path, "".join(lines))
         self.count = len(lines)
 
     def log(self, event: dict) -> None:
         if not self.enabled:
             return
         if self.path:
-            append_line(self.path, json.dumps(event) + "\n")
+            files.append_line(self.path, json.dumps(event) + "\n")
         self.count += 1
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in event.items() if isinstance(v, (int, float))}, step=event.get("step"))
 
 
 def read_metrics(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
 
 
 def last_evals(events: list[dict]) -> dict[int, dict]:

@@ -50,7 +50,7 @@ def reached_stages(c, cur) -> list[int]:
 
 def _pretrained_config(c):
     from coconut_jax import hf
-    return hf.load_config(hf.resolve_model_dir(c.model_id))
+    return hf.load_config(hf.resolve_model_dir(c.model_id, weights=False))
 
 
 def _model_config(c, tok_len):

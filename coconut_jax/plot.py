@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from coconut_jax.files import temporary_sibling
+from coconut_jax import files
 from coconut_jax.metrics import read_metrics
 
 
@@ -21,11 +21,9 @@ def pyplot():
 
 
 def save_figure(fig, path: str, dpi: int = 110) -> str:
-    """Saves through a temporary sibling and a rename, so a reader never sees half a PNG."""
+    """Saves whole (`files.write_through`), so a reader never sees half a PNG."""
     fig.tight_layout()
-    tmp = temporary_sibling(path)
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    files.write_through(path, lambda local: fig.savefig(local, dpi=dpi))
     pyplot().close(fig)
     return path
 
@@ -58,7 +56,7 @@ def plot_metrics(metrics_path: str, out_path: str | None = None) -> str:
             ax.axvline(step, color="gray", ls=":", lw=1)
             ax.text(step, ax.get_ylim()[1], f" stage {stage}", va="top", fontsize=8, color="gray")
         ax.legend(loc="best", fontsize=8)
-    out_path = out_path or os.path.join(os.path.dirname(os.path.abspath(metrics_path)), "curves.png")
+    out_path = out_path or os.path.join(os.path.dirname(files.abspath(metrics_path)), "curves.png")
     return save_figure(fig, out_path)
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 
 import jax
 import jax.numpy as jnp
 
-from coconut_jax import (checkpoint, config as config_lib, data, evaluate, hf, hosts, latent_vocab, methods, models, optimizer,
-                         rundir, sharding, steps, weights)
+from coconut_jax import (checkpoint, config as config_lib, data, evaluate, files, hf, hosts, latent_vocab, methods,
+                         models, optimizer, rundir, sharding, steps, weights)
 from coconut_jax.models import lora as lora_lib
 from coconut_jax.metrics import MetricsSink
 
@@ -119,7 +120,10 @@ def _wandb(c, run_dir: str, writes: bool):
     if c.wandb_mode == "disabled" or c.debug or not writes:
         return None
     import wandb
-    return wandb.init(project=c.project, name=c.name, mode=c.wandb_mode, config=c.to_dict(), dir=run_dir)
+    # wandb keeps its files on a local disk: a run in a bucket keeps them in the temporary directory.
+    local = os.path.join(tempfile.gettempdir(), "coconut_jax-wandb", c.name) if files.is_remote(run_dir) else run_dir
+    os.makedirs(local, exist_ok=True)
+    return wandb.init(project=c.project, name=c.name, mode=c.wandb_mode, config=c.to_dict(), dir=local)
 
 
 def build_model(c, config, lora_tokens=(), lora: bool = True):
@@ -150,7 +154,7 @@ def build_run(ctx: RunContext) -> Run:
     cur = methods.Curriculum.from_config(c)
     spec = cur.spec
     tok = hf.load_tokenizer(c.model_id)
-    tokens = spec.special_tokens(tok, hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size)
+    tokens = spec.special_tokens(tok, hf.load_config(hf.resolve_model_dir(c.model_id, weights=False)).vocab_size)
     own = weights.own_checkpoint(ctx.ckpt, c.only_eval, say=ctx.say)
     source = weights.Source("resume", ctx.ckpt.dir, own) if own is not None else weights.source_of(c.load_model_path)
     w = weights.start(c, source, tok)

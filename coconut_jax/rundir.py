@@ -30,8 +30,7 @@ from __future__ import annotations
 import json
 import os
 
-from coconut_jax import hosts, methods, tfds_source
-from coconut_jax.files import write_atomic
+from coconut_jax import files, hosts, methods, tfds_source
 
 RUN_FILE = "run.json"
 # What makes two training runs the same run; anything else (lr, epochs, logging) may change on
@@ -58,7 +57,7 @@ def _plain(value):
 def _path_field(c, field):
     value = c[field]
     local = isinstance(value, str) and value != "" and not tfds_source.is_tfds(value)
-    return os.path.abspath(value) if field.endswith("_path") and local else value
+    return files.abspath(value) if field.endswith("_path") and local else value
 
 
 def identity(c) -> dict:
@@ -90,25 +89,24 @@ def claim(run_dir: str, c, write: bool) -> None:
     ident = identity(c)
     path = os.path.join(run_dir, RUN_FILE)
     if not _holds_this_run(run_dir, path, ident, c.name) and write:
-        os.makedirs(run_dir, exist_ok=True)
-        write_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+        files.makedirs(run_dir)
+        files.write_atomic(path, json.dumps(ident, indent=1, sort_keys=True) + "\n")
     hosts.barrier("run_claimed")
 
 
 def _holds_this_run(run_dir: str, path: str, ident: dict, name: str) -> bool:
     """True if `path` records this run, False if the directory holds no run; else RunDirError."""
-    if os.path.isfile(path):
-        with open(path) as f:
-            try:
-                old = json.load(f)
-            except json.JSONDecodeError:
-                raise RunDirError(f"{path}: unreadable run record; remove it or choose a new --config.name")
+    if files.isfile(path):
+        try:
+            old = json.loads(files.read_text(path))
+        except json.JSONDecodeError:
+            raise RunDirError(f"{path}: unreadable run record; remove it or choose a new --config.name")
         diff = differences(old, ident)
         if diff:
             raise RunDirError(f"{run_dir} holds another run ({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); "
                               f"choose a new --config.name (now {name!r}) or remove the directory")
         return True
-    if os.path.isdir(run_dir) and {"metrics.jsonl", "checkpoints"} & set(os.listdir(run_dir)):
+    if files.isdir(run_dir) and {"metrics.jsonl", "checkpoints"} & set(files.listdir(run_dir)):
         raise RunDirError(f"{run_dir} holds run outputs without a {RUN_FILE}; choose a new --config.name "
                           f"(now {name!r}) or remove the directory")
     return False

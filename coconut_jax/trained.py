@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 
-from coconut_jax import checkpoint, config as config_lib, evaluate, hf, methods, rundir, weights
+from coconut_jax import checkpoint, config as config_lib, evaluate, files, hf, methods, rundir, weights
 from coconut_jax.models import lora as lora_lib
 
 SETTINGS_FILE = "coconut_jax.json"
@@ -66,20 +66,19 @@ class Trained:
 def run_config(run_dir: str):
     """The config a run directory's `run.json` records (other fields at their defaults)."""
     path = os.path.join(run_dir, rundir.RUN_FILE)
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise TrainedError(f"{run_dir}: not a run directory of coconut_jax (no {rundir.RUN_FILE})")
-    with open(path) as f:
-        try:
-            ident = json.load(f)
-        except json.JSONDecodeError as e:
-            raise TrainedError(f"{path}: unreadable run record ({e})") from None
+    try:
+        ident = json.loads(files.read_text(path))
+    except json.JSONDecodeError as e:
+        raise TrainedError(f"{path}: unreadable run record ({e})") from None
     c = config_lib.base_config()
     for k, v in ident.items():
         if k in c and hasattr(c[k], "update"):  # prepare, lora, a method's own settings block
             c[k].update(v)
         elif k in c and k != "only_eval":
             c[k] = tuple(v) if isinstance(v, list) else v
-    c.save_path, c.name = os.path.split(os.path.abspath(run_dir))
+    c.save_path, c.name = os.path.split(files.abspath(run_dir).rstrip("/"))
     if c.prepare.kind:
         from coconut_jax.demo import prepare
         c.model_id = prepare.prepared_paths(prepare.prepared_root(c))[2]
@@ -112,7 +111,7 @@ def prompt_settings(c) -> dict:
     pretrained vocabulary its added ids follow)."""
     from coconut_jax import hf
     out = {f: c[f] for f in PROMPT_FIELDS} | {b: c[b].to_dict() for b in methods.get(c.method).blocks()}
-    return out | {"pretrained_vocab": hf.load_config(hf.resolve_model_dir(c.model_id)).vocab_size}
+    return out | {"pretrained_vocab": hf.load_config(hf.resolve_model_dir(c.model_id, weights=False)).vocab_size}
 
 
 def model_step(ckpt_dir: str, c, best_any_stage: bool = False) -> weights.Source:
@@ -151,8 +150,8 @@ def pick_step(ckpt_dir: str, c, step: int | None, best_any_stage: bool = False) 
 
 def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False) -> Trained:
     c = run_config(run_dir)
-    ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = os.path.join(files.abspath(run_dir), "checkpoints")
+    if not files.isdir(ckpt_dir):
         raise TrainedError(f"{run_dir}: no checkpoints (a run with debug=True saves none)")
     source = pick_step(ckpt_dir, c, step, best_any_stage)
     tok = hf.load_tokenizer(c.model_id)
@@ -174,7 +173,9 @@ def from_run(run_dir: str, step: int | None = None, best_any_stage: bool = False
 
 def from_hf(model_dir: str) -> Trained:
     """A Hugging Face directory; its prompt settings from `coconut_jax.json` when it has one,
-    else those of a plain language model (method cot: the question alone)."""
+    else those of a plain language model (method cot: the question alone). A bucket directory is
+    read from a local copy (`files.local_copy`)."""
+    shown, model_dir = model_dir, files.local_copy(model_dir)
     config, params = hf.load_pretrained(model_dir)
     tok = hf.load_tokenizer(model_dir)
     path = os.path.join(model_dir, SETTINGS_FILE)
@@ -182,12 +183,12 @@ def from_hf(model_dir: str) -> Trained:
     if os.path.isfile(path):
         with open(path) as f:
             settings.update(json.load(f))
-    t = Trained(model_dir, config, params, tok, settings, model_dir)
+    t = Trained(shown, config, params, tok, settings, model_dir)
     for part in t.method.parts:
         if part.inference:
             file = os.path.join(model_dir, weights.part_file(part.name))
             if not os.path.isfile(file):
-                raise TrainedError(f"{model_dir}: no {weights.part_file(part.name)}, which method {t.method.name!r} "
+                raise TrainedError(f"{shown}: no {weights.part_file(part.name)}, which method {t.method.name!r} "
                                    f"generates with")
             t.parts[part.name] = hf.read_tree(file)
     return t
@@ -195,14 +196,14 @@ def from_hf(model_dir: str) -> Trained:
 
 def open_trained(path: str, step: int | None = None, best_any_stage: bool = False) -> Trained:
     """A run directory or a Hugging Face directory (`TrainedError` for anything else)."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if files.isfile(os.path.join(path, "config.json")):
         if step is not None or best_any_stage:
             raise TrainedError(f"{path}: a Hugging Face directory has no steps (--step and --best-any-stage are "
                                f"for run directories)")
         return from_hf(path)
-    if os.path.isfile(os.path.join(path, rundir.RUN_FILE)):
+    if files.isfile(os.path.join(path, rundir.RUN_FILE)):
         return from_run(path, step, best_any_stage)
-    if not os.path.isdir(path):
+    if not files.isdir(path):
         raise TrainedError(f"{path}: not found")
     raise TrainedError(f"{path}: neither a run directory of coconut_jax (run.json) nor a Hugging Face "
                        f"directory (config.json)")

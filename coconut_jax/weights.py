@@ -28,6 +28,7 @@ import os
 import numpy as np
 
 from coconut_jax import checkpoint, hf, methods
+from coconut_jax import files
 from coconut_jax.files import cause
 from coconut_jax.rundir import RunDirError
 
@@ -92,9 +93,9 @@ def source_of(load_model_path: str | None) -> Source:
     path = load_model_path
     if path is None:
         return Source("model")
-    if os.path.isfile(path):
+    if files.isfile(path):
         return Source("reference", path)
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if files.isfile(os.path.join(path, "config.json")):
         return Source("hf", path)
     if checkpoint.is_checkpoint_dir(path):
         ckpt_dir, step = checkpoint.split_checkpoint_path(path)
@@ -115,7 +116,7 @@ def source_of(load_model_path: str | None) -> Source:
             raise RunDirError(f"load_model_path={path!r}: no checkpoint in this directory")
         return Source("ours", ckpt_dir, steps[-1], f"latest; no {checkpoint.BEST_FILE}")
     for name in STATE_DICT_FILES:  # a reference's output directory: its state dict, no config.json
-        if os.path.isfile(os.path.join(path, name)):
+        if files.isfile(os.path.join(path, name)):
             return Source("reference", os.path.join(path, name))
     raise RunDirError(f"load_model_path={path!r}: not a checkpoint of ours, a Hugging Face directory or a "
                       f"reference state dict (a PyTorch or safetensors file)")
@@ -156,7 +157,7 @@ def _read_meta(source: Source) -> dict:
 
 
 def _pretrained_config(model_id: str):
-    return hf.load_config(hf.resolve_model_dir(model_id))
+    return hf.load_config(hf.resolve_model_dir(model_id, weights=False))
 
 
 # -- the formats -------------------------------------------------------------------------------
@@ -166,15 +167,17 @@ def _from_model_id(source: Source, ask: Ask) -> Weights:
 
 
 def _from_hf_dir(source: Source, ask: Ask) -> Weights:
-    config, params = hf.load_pretrained(source.path)
-    files = {name: os.path.join(source.path, part_file(name)) for name in ask.parts}
-    return Weights(config, params, {name: hf.read_tree(f) for name, f in files.items() if os.path.isfile(f)})
+    local = files.local_copy(source.path)
+    config, params = hf.load_pretrained(local)
+    found = {name: os.path.join(local, part_file(name)) for name in ask.parts}
+    return Weights(config, params, {name: hf.read_tree(f) for name, f in found.items() if os.path.isfile(f)})
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """A state dict saved with `torch.save` or as safetensors."""
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise hf.CheckpointError(f"{path}: checkpoint file not found")
+    path = files.local_copy(path)
     return hf.read_safetensors(path) if path.endswith(".safetensors") else hf.torch_load(path)
 
 

@@ -2,6 +2,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 # The suite's programs run a few steps each: XLA's backend optimisation and its fusion emitters
 # cost more compile time than they save there (a tiny CLI run, cold: 47 s by default, 33 s at
@@ -127,6 +128,7 @@ FIRST = ("tests/test_demo.py::test_demo_runs_end_to_end_and_learns",)
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes of training, several processes or many CLI runs; "
                                        "the quick loop is `python -m pytest -q -m \"not slow\"`")
+    config.addinivalue_line("markers", "gcs: runs against a local Cloud Storage emulator (the gcs_bucket fixture)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -246,6 +248,39 @@ def finish_processes(procs) -> list[str]:
               if p.returncode != 0]
     assert not failed, "\n".join(failed)
     return [out for out, _ in outs]
+
+
+GCS_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+    """"gs://coconut-test": a bucket on a local Cloud Storage emulator (tests/gcs_emulator.py) that
+    lives as long as this test process, with the two variables a user sets for an emulator
+    (GCS_VARIABLES) set here and so in every subprocess. Each test takes its own prefix."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gcs") / "emulator.log"  # a file: a full pipe would stop the emulator
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.gcs_emulator", str(port), "coconut-test"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    import socket
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, f"the emulator did not start: {log_path.read_text()[-2000:]}"
+            assert time.time() < deadline, "the emulator did not answer within 30 s"
+            time.sleep(0.1)
+    old = {k: os.environ.get(k) for k in GCS_VARIABLES}
+    os.environ.update({k: f"http://127.0.0.1:{port}" for k in GCS_VARIABLES})
+    yield "gs://coconut-test"
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
 
 
 def config_and_params(w):

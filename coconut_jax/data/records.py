@@ -3,7 +3,7 @@ naming the file, the record and the field."""
 from __future__ import annotations
 
 import json
-import os
+from coconut_jax import files
 
 
 class DataError(ValueError):
@@ -14,10 +14,9 @@ class DataError(ValueError):
 
 def load_records(path: str, max_size: int | None = None) -> list[dict]:
     """Reads and validates a dataset in the Coconut JSON format (a list of records)."""
-    if not os.path.isfile(path):
+    if not files.isfile(path):
         raise DataError(f"{path}: dataset file not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = files.read_text(path)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     try:

@@ -10,6 +10,7 @@ import tempfile
 
 import numpy as np
 
+from coconut_jax import files
 from coconut_jax.data.records import DataError, load_records, validate_record
 from coconut_jax.data.tokens import TokenizedSet, tokenize_records
 
@@ -20,7 +21,7 @@ _ARRAYS = ("tokens", "pieces", "records")
 
 def file_digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
+    with files.open_binary(path) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -45,7 +46,15 @@ def _array_digest(a: np.ndarray) -> str:
 
 def write_cache(directory: str, ts: TokenizedSet) -> None:
     """The arrays as .npy files plus a manifest with their checksums, made under a temporary
-    name and renamed into place, so a reader sees a whole cache or none."""
+    name and renamed into place, so a reader sees a whole cache or none. In a bucket the files
+    are uploaded with the manifest last: a cache without it is none."""
+    if files.is_remote(directory):
+        with tempfile.TemporaryDirectory() as d:
+            local = os.path.join(d, "cache")
+            write_cache(local, ts)
+            for name in [f"{a}.npy" for a in _ARRAYS] + ["manifest.json"]:
+                files.upload(os.path.join(local, name), os.path.join(directory, name))
+        return
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".", suffix=".tmp", dir=parent)
@@ -66,8 +75,10 @@ def read_cache(directory: str) -> TokenizedSet | None:
     """The cached arrays, memory-mapped, or None when absent; a cache that fails its checks
     (missing file, wrong length, checksum) is reported and None returned, so it is rebuilt."""
     manifest_path = os.path.join(directory, "manifest.json")
-    if not os.path.isfile(manifest_path):
+    if not files.isfile(manifest_path):
         return None
+    where, directory = directory, files.local_copy(directory)
+    manifest_path = os.path.join(directory, "manifest.json")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
@@ -84,7 +95,7 @@ def read_cache(directory: str) -> TokenizedSet | None:
             raise ValueError("the arrays do not fit together")
         return ts
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        print(f"warning: token cache {directory} is unusable ({e}); re-tokenizing")
+        print(f"warning: token cache {where} is unusable ({e}); re-tokenizing")
         shutil.rmtree(directory, ignore_errors=True)
         return None
 
@@ -110,7 +121,7 @@ def load_dataset(path: str, tokenizer, max_size: int | None = None, cache_dir: s
             digest = tfds_source.fingerprint(path, tfds_data_dir)
         except (ValueError, ImportError, FileNotFoundError) as e:
             raise DataError(str(e)) from e
-    elif not os.path.isfile(path):
+    elif not files.isfile(path):
         raise DataError(f"{path}: dataset file not found")
     else:
         digest = file_digest(path)
