@@ -13,7 +13,7 @@ import pytest
 
 from coconut_jax import checkpoint, files
 from coconut_jax.metrics import read_metrics
-from tests.conftest import ROOT, run_cli, stored_params, subprocess_env
+from tests.conftest import ROOT, finish_processes, run_cli, start_processes, stored_params, subprocess_env
 from tests.test_journeys import SIZES, _wait_for, without_speed, world  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.gcs
@@ -138,3 +138,20 @@ def test_hand_off_export_and_generate_through_the_bucket(bucket_cot_run, tmp_pat
     plan = json.loads(cli("-m", "coconut_jax.plan", "--config", "configs/gsm.py", f"--config.model_id={prefix}/model",
                           "--length", "64", "--json"))
     assert plan["stages"] and plan["stages"][0]["total_gb"] > 0
+
+
+@pytest.mark.slow
+def test_two_hosts_write_one_run_in_the_bucket(bucket_cot_run, world, gcs_bucket, tmp_path):
+    """Two processes (a pod's hosts, one device each) with nothing shared but the bucket log the
+    one-process run's losses and answers and leave its checkpoints there."""
+    ref_prefix, _, _ = bucket_cot_run
+    prefix = f"{gcs_bucket}/{tmp_path.name}"
+    finish_processes(start_processes(tmp_path, *bucket_args(world, prefix), *COT, config="configs/gsm_cot.py"))
+    one, two = (read_metrics(f"{p}/runs/gsm-cot/metrics.jsonl") for p in (ref_prefix, prefix))
+    assert [sorted(e) for e in one] == [sorted(e) for e in two]
+    for a, b in zip(one, two):
+        for k, v in a.items():
+            if k.startswith(("train/", "eval/")) and k != "train/tokens_per_s":
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (a["step"], k)
+    ckpt = f"{prefix}/runs/gsm-cot/checkpoints"
+    assert checkpoint.steps(ckpt) == checkpoint.steps(f"{ref_prefix}/runs/gsm-cot/checkpoints")
