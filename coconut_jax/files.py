@@ -16,8 +16,8 @@ What a bucket changes:
 - **Libraries that only read local files** (transformers' loaders, safetensors) get a local copy
   of a bucket directory (`local_copy`).
 
-The emulator (`STORAGE_EMULATOR_HOST`) is all a test sets: gcsfs's probe of a bucket's layout,
-which the emulator cannot answer (a minute's wait per bucket), is turned off under it.
+An emulator is reached through the standard variables alone (`STORAGE_EMULATOR_HOST` for gcsfs,
+`TENSORSTORE_GCS_HTTP_URL` for Orbax's arrays); `_under_an_emulator` does the rest.
 """
 from __future__ import annotations
 
@@ -62,15 +62,22 @@ def _no_remembered_listings() -> None:
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
+def _under_an_emulator() -> None:
+    """gcsfs probes a bucket's layout over gRPC, which an emulator cannot answer (a minute lost
+    per bucket): off under one. gcsfs reads the setting once, when it is first imported."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
 _no_remembered_listings()
+_under_an_emulator()
 
 
 def bucket():
     """The one gcsfs client of this process."""
     global _FS
     if _FS is None:
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        _under_an_emulator()
         if not bucket_support():
             raise ImportError(NEEDS_GCS)
         import gcsfs
