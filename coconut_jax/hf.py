@@ -314,15 +314,13 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     the files readers look for (`config.json`, PEFT's `adapter_config.json`) last: a reader takes
     a directory without them for none (`files.put_tree`)."""
     out_dir = files.abspath(out_dir)
+    if files.exists(out_dir) and files.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
     if files.is_remote(out_dir):
-        if files.isdir(out_dir) and files.listdir(out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
         with tempfile.TemporaryDirectory() as tmp:
             yield tmp
             files.put_tree(tmp, out_dir, last=("config.json", "adapter_config.json"))
         return
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists and is not empty (pass overwrite=True to replace it)")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)

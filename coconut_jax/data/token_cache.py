@@ -52,8 +52,7 @@ def write_cache(directory: str, ts: TokenizedSet) -> None:
         with tempfile.TemporaryDirectory() as d:
             local = os.path.join(d, "cache")
             write_cache(local, ts)
-            for name in [f"{a}.npy" for a in _ARRAYS] + ["manifest.json"]:
-                files.upload(os.path.join(local, name), os.path.join(directory, name))
+            files.put_tree(local, directory, last=("manifest.json",))
         return
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
