@@ -183,17 +183,17 @@ def cause(e: BaseException) -> str:
 def write_atomic(path: str, data: str | bytes) -> None:
     """Writes `path` whole or not at all (locally through a temporary sibling and a rename; in a
     bucket in one upload); on failure `path` is untouched and `WriteError` says why."""
+    payload = data if isinstance(data, bytes) else data.encode("utf-8")
     if is_remote(path):
         try:
-            bucket().pipe_file(_key(path), data if isinstance(data, bytes) else data.encode("utf-8"))
+            bucket().pipe_file(_key(path), payload)
         except (OSError, ValueError, RuntimeError) as e:
             raise WriteError(f"{path}: not written ({cause(e)})") from e
         return
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else
-                                                                    {"encoding": "utf-8"})) as f:
-            f.write(data)
+        with open(tmp, "wb") as f:
+            f.write(payload)
         os.replace(tmp, path)
     except OSError as e:
         try:
@@ -218,8 +218,7 @@ def write_through(path: str, write) -> None:
     with tempfile.TemporaryDirectory() as d:
         local = os.path.join(d, os.path.basename(path))
         write(local)
-        with open(local, "rb") as f:
-            write_atomic(path, f.read())
+        upload(local, path)
 
 
 def append_line(path: str, line: str) -> None:
